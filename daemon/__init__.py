@@ -1,0 +1,1 @@
+"""kronosd: the service, its configuration and the command line."""

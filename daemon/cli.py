@@ -1,0 +1,44 @@
+"""`kronosd` command line: a thin dispatcher; each sub-command lives in daemon/commands/."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Sub-command modules, in the order `kronosd --help` lists them.
+COMMAND_MODULES = (
+    "daemon.commands.forecast",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kronosd",
+        description="Keep a gap-free Binance candle store, forecast every closed candle with Kronos, publish "
+        "forecasts over MQTT and continually fine-tune the model.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as exc:
+        # Input and configuration problems: one clear line, no traceback.
+        print(f"kronosd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `kronosd` sub-command; each exposes `register(subparsers)`."""

@@ -1,0 +1,1 @@
+"""DuckDB candle store (knows nothing about the daemon or the model)."""
