@@ -1,0 +1,162 @@
+"""Autoregressive token generation with a key/value cache: the engine behind KronosPredictor.
+
+Semantics are the original `auto_regressive_inference` (eval mode): the model at step i sees the last
+W = min(lookback + i, max_context) tokens with rotary positions 0..W-1, and the stamps of those input bars.
+What changes is how much is computed:
+
+1. While the whole sequence fits in `max_context`, positions never move, so each step feeds only the newest
+   token through the trunk against cached keys/values (the original re-runs the whole window every step).
+   The dependency layer's keys/values (its rotation is the identity at inference) are cached the same way,
+   and s1/s2 heads run on the last position only.
+2. The look-back prefix is identical for all sample paths of a series, so it is computed once per series and
+   its cache is shared by the S paths (the original computes it S times).
+3. Past `max_context` the window slides and positions restart at 0, so every hidden state changes and
+   nothing can be reused from the previous step: each step re-runs the window, as the original does. We still
+   run the part of the window that is look-back history once per series instead of once per path, and the
+   heads on the last position only. Cost per sliding step: (W - g) tokens x B series + g tokens x B·S paths,
+   where g = generated tokens inside the window, against W x B·S in the original.
+4. The final tokenizer decode shares the look-back prefix the same way.
+
+All S paths of all B series run as one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from kronos_model.model import Kronos, KronosTokenizer, KVCache
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample one id per row of `logits` (R, V).
+
+    temperature <= 0 or top_k == 1 is greedy (argmax). top_k and top_p are applied together (the original
+    returned after top-k and silently ignored top_p).
+    """
+    if temperature <= 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth_best = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop tokens once the mass before them already exceeds top_p; the best token always stays.
+        drop_sorted = torch.zeros_like(cumulative, dtype=torch.bool)
+        drop_sorted[..., 1:] = cumulative[..., :-1] > top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Generated:
+    s1: torch.Tensor  # (B, S, P) generated coarse ids
+    s2: torch.Tensor  # (B, S, P) generated fine ids
+    values: torch.Tensor  # (B, S, P, d_in) decoded, still normalised
+
+
+def _new_caches(n: int, capacity: int) -> list[KVCache]:
+    return [KVCache(capacity) for _ in range(n)]
+
+
+def _expand(caches: list[KVCache], hidden: torch.Tensor, repeats: int) -> torch.Tensor:
+    for cache in caches:
+        cache.repeat_rows(repeats)
+    return hidden.repeat_interleave(repeats, dim=0)
+
+
+@torch.inference_mode()
+def generate(
+    tokenizer: KronosTokenizer,
+    model: Kronos,
+    x: torch.Tensor,
+    x_stamp: torch.Tensor,
+    y_stamp: torch.Tensor,
+    max_context: int,
+    pred_len: int,
+    sample_count: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 0.9,
+    generator: torch.Generator | None = None,
+    verbose: bool = False,
+) -> Generated:
+    """Forecast `pred_len` bars for B normalised series x (B, N, d_in), S = sample_count paths each."""
+    batch, lookback, _ = x.shape
+    paths, rows = sample_count, batch * sample_count
+    if not 1 <= pred_len <= max_context:
+        raise ValueError(f"pred_len must be between 1 and max_context ({max_context}), got {pred_len}")
+    hist_s1, hist_s2 = tokenizer.encode(x, half=True)  # (B, N) each; the tokenizer sees the full look-back
+    stamps = torch.cat([x_stamp, y_stamp], dim=1)  # (B, N + P, 5)
+    path_stamps = stamps.repeat_interleave(paths, dim=0)
+    gen_s1 = torch.zeros(rows, pred_len, dtype=torch.long, device=x.device)
+    gen_s2 = torch.zeros_like(gen_s1)
+    dep = model.dep_layer
+    n_layers = len(model.transformer)
+
+    caches: list[KVCache] | None = None
+    dep_cache = KVCache(max_context)
+    for i in tqdm(range(pred_len), desc="forecast", disable=not verbose, leave=False):
+        known = lookback + i
+        if caches is not None and known <= max_context:
+            # Positions are stable: push the token sampled last step through the cached trunk.
+            hidden = model.trunk(gen_s1[:, i - 1 : i], gen_s2[:, i - 1 : i],
+                                 path_stamps[:, known - 1 : known], caches=caches)
+            dep_k, dep_v = dep_cache.append(*dep.cross_attn.project_kv(hidden, hidden))
+        else:
+            # (Re)build the window: history part once per series, generated part per path.
+            window = min(known, max_context)
+            generated = min(i, window)
+            prefix = window - generated
+            start = known - window
+            caches = _new_caches(n_layers, max_context)
+            parts = []
+            if prefix:
+                shared = model.trunk(hist_s1[:, lookback - prefix :], hist_s2[:, lookback - prefix :],
+                                     stamps[:, start : start + prefix], caches=caches)
+                parts.append(_expand(caches, shared, paths))
+            if generated:
+                parts.append(model.trunk(gen_s1[:, i - generated : i], gen_s2[:, i - generated : i],
+                                         path_stamps[:, known - generated : known], caches=caches))
+            hidden = torch.cat(parts, dim=1)
+            dep_cache = KVCache(max_context)
+            dep_k, dep_v = dep_cache.append(*dep.cross_attn.project_kv(hidden, hidden))
+        last = hidden[:, -1:]
+        s1 = sample_tokens(model.head(last[:, 0]), temperature, top_k, top_p, generator)
+        attn = dep.cross_attn.attend(model.embedding.emb_s1(s1)[:, None], dep_k, dep_v)
+        s2_logits = model.head.cond_forward(dep.norm(last + attn))[:, 0]
+        s2 = sample_tokens(s2_logits, temperature, top_k, top_p, generator)
+        gen_s1[:, i], gen_s2[:, i] = s1, s2
+
+    values = decode_forecast(tokenizer, hist_s1, hist_s2, gen_s1, gen_s2, max_context, paths)
+    shape = (batch, paths, pred_len)
+    return Generated(gen_s1.view(shape), gen_s2.view(shape), values.view(*shape, -1))
+
+
+def decode_forecast(tokenizer, hist_s1, hist_s2, gen_s1, gen_s2, max_context: int, paths: int) -> torch.Tensor:
+    """Decode the last min(N + P, max_context) tokens of each path, as the original does, and keep the last P.
+
+    The look-back part of that window is the same for every path of a series, so it runs once per series.
+    """
+    lookback, pred_len = hist_s1.shape[1], gen_s1.shape[1]
+    prefix = min(lookback + pred_len, max_context) - pred_len
+    caches = _new_caches(len(tokenizer.decoder), prefix + pred_len)
+    if prefix:
+        code = tokenizer.indices_to_bits([hist_s1[:, -prefix:], hist_s2[:, -prefix:]], half=True)
+        shared = tokenizer.decode_code(code, caches=caches)
+        _expand(caches, shared, paths)
+    code = tokenizer.indices_to_bits([gen_s1, gen_s2], half=True)
+    return tokenizer.decode_code(code, caches=caches)

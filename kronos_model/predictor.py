@@ -1,0 +1,252 @@
+"""KronosPredictor: the original forecasting API (predict / predict_batch) plus `forecast` with sample paths.
+
+Pre-processing is the original's: features open, high, low, close, volume, amount as float32; a missing
+volume is 0, a missing amount is volume x mean(OHLC) (0 without volume); each series is z-scored over its
+whole look-back (population std + 1e-5) and clipped to +-clip; outputs are de-normalised with the same
+statistics. Calendar stamps are minute, hour, weekday (Mon=0), day, month of the given timestamps.
+
+Fixed relative to the original: inference always runs in eval mode (the original could run with dropout
+on), top_k and top_p combine, T=0 means greedy, a `seed` makes sampling reproducible, timestamps may be a
+Series, DatetimeIndex, list or polars Series, frames may be pandas or polars, and bad input gets a clear
+error (NaN, missing columns, length mismatches, pred_len > max_context).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kronos_model.generation import generate
+from kronos_model.model import Kronos, KronosTokenizer, check_pair
+
+PRICE_COLUMNS = ("open", "high", "low", "close")
+FEATURE_COLUMNS = (*PRICE_COLUMNS, "volume", "amount")
+DEFAULT_QUANTILES = (0.1, 0.5, 0.9)
+
+
+def auto_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda:0"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _is_polars(obj: Any) -> bool:
+    return type(obj).__module__.split(".")[0] == "polars"
+
+
+def to_datetime_index(timestamps: Any, name: str) -> pd.DatetimeIndex:
+    """Accept a pandas Series/DatetimeIndex, a polars Series, numpy datetimes or a list of timestamps."""
+    if _is_polars(timestamps):
+        timestamps = timestamps.to_pandas()
+    try:
+        index = pd.DatetimeIndex(pd.to_datetime(timestamps))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must hold timestamps: {exc}") from exc
+    if index.hasnans:
+        raise ValueError(f"{name} contains missing timestamps (NaT)")
+    return index
+
+
+def calendar_stamps(index: pd.DatetimeIndex) -> np.ndarray:
+    """(T, 5) float32: minute, hour, weekday (Mon=0), day of month, month."""
+    return np.stack(
+        [index.minute, index.hour, index.weekday, index.day, index.month], axis=-1
+    ).astype(np.float32)
+
+
+def candle_features(df: Any) -> np.ndarray:
+    """(T, 6) float32 features from a pandas or polars frame; raises on missing columns or non-finite cells."""
+    columns = list(df.columns)
+    missing = [c for c in PRICE_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"the candle frame lacks columns {missing}; it needs {list(PRICE_COLUMNS)} "
+                         f"(volume and amount are optional), got {columns}")
+
+    def column(name: str) -> np.ndarray:
+        values = df[name].to_numpy() if _is_polars(df) else df[name].to_numpy(dtype=np.float64, na_value=np.nan)
+        try:
+            return np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"column {name!r} is not numeric: {exc}") from exc
+
+    prices = np.stack([column(c) for c in PRICE_COLUMNS], axis=-1)
+    volume = column("volume") if "volume" in columns else np.zeros(len(prices))
+    if "amount" in columns:
+        amount = column("amount")
+    else:
+        amount = volume * prices.mean(axis=-1)
+    features = np.column_stack([prices, volume, amount])
+    bad = ~np.isfinite(features)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        raise ValueError(
+            f"{bad.sum()} missing or non-finite values in the candle frame (first at row {rows[0]}, column "
+            f"{FEATURE_COLUMNS[cols[0]]!r}); fill or drop those rows before forecasting"
+        )
+    # Column-major like pandas' `.values`, so the float32 mean/std sum in the same order as the original.
+    return np.asfortranarray(features, dtype=np.float32)
+
+
+@dataclass
+class Forecast:
+    """Every de-normalised sample path of one forecast, with summaries.
+
+    paths: (S, P, 6) in the units of the input, columns FEATURE_COLUMNS; timestamps: the P forecast times.
+    """
+
+    timestamps: pd.DatetimeIndex
+    paths: np.ndarray
+    last_close: float
+    columns: tuple[str, ...] = FEATURE_COLUMNS
+    quantile_levels: tuple[float, ...] = DEFAULT_QUANTILES
+    quantiles: dict[float, np.ndarray] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.quantiles = {q: np.quantile(self.paths, q, axis=0) for q in self.quantile_levels}
+
+    @property
+    def mean(self) -> np.ndarray:
+        """(P, 6): the mean path, which is what `predict` returns."""
+        return self.paths.mean(axis=0)
+
+    @property
+    def prob_up(self) -> np.ndarray:
+        """(P,): share of paths whose close at each step is above the last observed close."""
+        return (self.paths[:, :, self.columns.index("close")] > self.last_close).mean(axis=0)
+
+    def mean_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.mean, columns=list(self.columns), index=self.timestamps.rename("timestamps"))
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per step: mean and every quantile per column, and prob_up."""
+        data: dict[str, np.ndarray] = {}
+        for j, column in enumerate(self.columns):
+            data[f"{column}_mean"] = self.mean[:, j]
+            for q in self.quantile_levels:
+                data[f"{column}_p{round(q * 100):02d}"] = self.quantiles[q][:, j]
+        data["prob_up"] = self.prob_up
+        return pd.DataFrame(data, index=self.timestamps.rename("timestamps"))
+
+
+class KronosPredictor:
+    def __init__(
+        self,
+        model: Kronos,
+        tokenizer: KronosTokenizer,
+        device: str | torch.device | None = None,
+        max_context: int = 512,
+        clip: float = 5,
+    ):
+        check_pair(tokenizer, model)
+        if max_context < 1:
+            raise ValueError(f"max_context must be >= 1, got {max_context}")
+        self.device = torch.device(device or auto_device())
+        self.tokenizer = tokenizer.to(self.device).eval()
+        self.model = model.to(self.device).eval()
+        self.max_context = max_context
+        self.clip = clip
+
+    # -- the engine ---------------------------------------------------------------------------------------
+
+    def _prepare(self, df, x_timestamp, y_timestamp, pred_len: int, where: str):
+        if not isinstance(pred_len, int | np.integer) or not 1 <= pred_len <= self.max_context:
+            raise ValueError(f"pred_len must be an integer between 1 and max_context ({self.max_context}), "
+                             f"got {pred_len!r}; forecast longer horizons in several calls")
+        features = candle_features(df)
+        if len(features) == 0:
+            raise ValueError(f"{where}: the candle frame is empty")
+        x_index = to_datetime_index(x_timestamp, f"{where}x_timestamp")
+        y_index = to_datetime_index(y_timestamp, f"{where}y_timestamp")
+        if len(x_index) != len(features):
+            raise ValueError(f"{where}x_timestamp has {len(x_index)} entries but the frame has {len(features)} rows")
+        if len(y_index) != pred_len:
+            raise ValueError(f"{where}y_timestamp has {len(y_index)} entries but pred_len is {pred_len}")
+        mean, std = features.mean(axis=0), features.std(axis=0)
+        normed = np.clip((features - mean) / (std + 1e-5), -self.clip, self.clip)
+        return normed, mean, std, calendar_stamps(x_index), calendar_stamps(y_index), y_index, features
+
+    def forecast_batch(
+        self,
+        df_list: Sequence[Any],
+        x_timestamp_list: Sequence[Any],
+        y_timestamp_list: Sequence[Any],
+        pred_len: int,
+        T: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.9,
+        sample_count: int = 30,
+        seed: int | None = None,
+        quantiles: Sequence[float] = DEFAULT_QUANTILES,
+        verbose: bool = False,
+    ) -> list[Forecast]:
+        """Forecast several series (same look-back length) in one batched generation."""
+        if not (len(df_list) == len(x_timestamp_list) == len(y_timestamp_list)) or not df_list:
+            raise ValueError("df_list, x_timestamp_list and y_timestamp_list must be non-empty and equally long")
+        if sample_count < 1:
+            raise ValueError(f"sample_count must be >= 1, got {sample_count}")
+        if T < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError(f"need T >= 0, 0 < top_p <= 1 and top_k >= 0; got T={T}, top_p={top_p}, top_k={top_k}")
+        if any(not 0 <= q <= 1 for q in quantiles):
+            raise ValueError(f"quantiles must lie in [0, 1], got {list(quantiles)}")
+        prepared = []
+        for i, (df, xt, yt) in enumerate(zip(df_list, x_timestamp_list, y_timestamp_list, strict=True)):
+            prepared.append(self._prepare(df, xt, yt, pred_len, f"series {i}: " if len(df_list) > 1 else ""))
+        lengths = {len(p[0]) for p in prepared}
+        if len(lengths) > 1:
+            raise ValueError(f"all series must have the same look-back length, got {sorted(lengths)}")
+
+        def batch(k: int) -> torch.Tensor:
+            return torch.from_numpy(np.stack([p[k] for p in prepared])).to(self.device)
+
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.model.eval()
+        self.tokenizer.eval()
+        generated = generate(self.tokenizer, self.model, batch(0), batch(3), batch(4), self.max_context, pred_len,
+                             sample_count, T, top_k, top_p, generator=generator, verbose=verbose)
+        values = generated.values.float().cpu().numpy()  # (B, S, P, 6)
+        results = []
+        for (_, mean, std, _, _, y_index, features), paths in zip(prepared, values, strict=True):
+            results.append(Forecast(y_index, paths * (std + 1e-5) + mean, float(features[-1, 3]),
+                                    quantile_levels=tuple(quantiles)))
+        return results
+
+    def forecast(self, df, x_timestamp, y_timestamp, pred_len: int, T: float = 1.0, top_k: int = 0,
+                 top_p: float = 0.9, sample_count: int = 30, seed: int | None = None,
+                 quantiles: Sequence[float] = DEFAULT_QUANTILES, verbose: bool = False) -> Forecast:
+        """All sample paths of one series, with quantiles and P(close > last close) per step."""
+        return self.forecast_batch([df], [x_timestamp], [y_timestamp], pred_len, T, top_k, top_p, sample_count,
+                                   seed, quantiles, verbose)[0]
+
+    # -- the original API ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _as_frame(forecast: Forecast, like: Any):
+        frame = forecast.mean_frame()
+        if _is_polars(like):
+            import polars as pl
+
+            return pl.from_pandas(frame.reset_index())
+        return frame
+
+    def predict(self, df, x_timestamp, y_timestamp, pred_len: int, T: float = 1.0, top_k: int = 0,
+                top_p: float = 0.9, sample_count: int = 1, verbose: bool = False, seed: int | None = None):
+        """Mean forecast path as a frame indexed by y_timestamp (pandas in, pandas out; polars in, polars out)."""
+        result = self.forecast(df, x_timestamp, y_timestamp, pred_len, T, top_k, top_p, sample_count, seed,
+                               verbose=verbose)
+        return self._as_frame(result, df)
+
+    def predict_batch(self, df_list, x_timestamp_list, y_timestamp_list, pred_len: int, T: float = 1.0,
+                      top_k: int = 0, top_p: float = 0.9, sample_count: int = 1, verbose: bool = False,
+                      seed: int | None = None) -> list:
+        results = self.forecast_batch(df_list, x_timestamp_list, y_timestamp_list, pred_len, T, top_k, top_p,
+                                      sample_count, seed, verbose=verbose)
+        return [self._as_frame(r, df) for r, df in zip(results, df_list, strict=True)]
