@@ -57,12 +57,12 @@ def to_datetime_index(timestamps: Any, name: str) -> pd.DatetimeIndex:
 def calendar_stamps(index: pd.DatetimeIndex) -> np.ndarray:
     """(T, 5) float32: minute, hour, weekday (Mon=0), day of month, month."""
     return np.stack(
-        [index.minute, index.hour, index.weekday, index.day, index.month], axis=-1
+        [index.minute, index.hour, index.day_of_week, index.day, index.month], axis=-1
     ).astype(np.float32)
 
 
 def candle_features(df: Any) -> np.ndarray:
-    """(T, 6) float32 features from a pandas or polars frame; raises on missing columns or non-finite cells."""
+    """(T, 6) float64 features from a pandas or polars frame; raises on missing columns or non-finite cells."""
     columns = list(df.columns)
     missing = [c for c in PRICE_COLUMNS if c not in columns]
     if missing:
@@ -90,8 +90,7 @@ def candle_features(df: Any) -> np.ndarray:
             f"{bad.sum()} missing or non-finite values in the candle frame (first at row {rows[0]}, column "
             f"{FEATURE_COLUMNS[cols[0]]!r}); fill or drop those rows before forecasting"
         )
-    # Column-major like pandas' `.values`, so the float32 mean/std sum in the same order as the original.
-    return np.asfortranarray(features, dtype=np.float32)
+    return features
 
 
 @dataclass
@@ -161,15 +160,18 @@ class KronosPredictor:
                              f"got {pred_len!r}; forecast longer horizons in several calls")
         features = candle_features(df)
         if len(features) == 0:
-            raise ValueError(f"{where}: the candle frame is empty")
+            raise ValueError(f"{where}the candle frame is empty")
+        # float32 and column-major like the original's `df.values.astype(np.float32)`, so the statistics
+        # are summed in the same order and the normalised input is bit-identical.
+        x = np.asfortranarray(features, dtype=np.float32)
         x_index = to_datetime_index(x_timestamp, f"{where}x_timestamp")
         y_index = to_datetime_index(y_timestamp, f"{where}y_timestamp")
         if len(x_index) != len(features):
             raise ValueError(f"{where}x_timestamp has {len(x_index)} entries but the frame has {len(features)} rows")
         if len(y_index) != pred_len:
             raise ValueError(f"{where}y_timestamp has {len(y_index)} entries but pred_len is {pred_len}")
-        mean, std = features.mean(axis=0), features.std(axis=0)
-        normed = np.clip((features - mean) / (std + 1e-5), -self.clip, self.clip)
+        mean, std = x.mean(axis=0), x.std(axis=0)
+        normed = np.clip((x - mean) / (std + 1e-5), -self.clip, self.clip)
         return normed, mean, std, calendar_stamps(x_index), calendar_stamps(y_index), y_index, features
 
     def forecast_batch(
@@ -215,7 +217,8 @@ class KronosPredictor:
         values = generated.values.float().cpu().numpy()  # (B, S, P, 6)
         results = []
         for (_, mean, std, _, _, y_index, features), paths in zip(prepared, values, strict=True):
-            results.append(Forecast(y_index, paths * (std + 1e-5) + mean, float(features[-1, 3]),
+            denormalised = (paths * (std + 1e-5) + mean).astype(np.float64)
+            results.append(Forecast(y_index, denormalised, float(features[-1, 3]),
                                     quantile_levels=tuple(quantiles)))
         return results
 

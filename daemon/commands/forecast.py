@@ -1,0 +1,137 @@
+"""`kronosd forecast`: one forecast with sample paths on a window of real candles.
+
+Defaults run offline on a fresh clone: the bundled BTCUSDT 1h candles and the bundled tiny checkpoint (random
+weights, see its README). When the chosen window ends before the data does, the candles that really followed
+are printed next to the forecast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import polars as pl
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUNDLED_DATA = ASSETS / "data" / "BTCUSDT_1h.parquet"
+BUNDLED_CHECKPOINT = ASSETS / "checkpoints" / "tiny-random"
+
+
+def load_candles(path: Path) -> pd.DataFrame:
+    """Candles from Parquet or CSV(.gz): Binance kline layout (open_time in ms, quote_volume) or the Kronos
+    layout (timestamps, open, high, low, close[, volume, amount]). Returns a frame sorted by `timestamps`."""
+    if not path.exists():
+        raise FileNotFoundError(f"no such data file: {path}")
+    frame = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path, infer_schema_length=None)
+    if "open_time" in frame.columns:
+        if frame["open_time"].dtype.is_integer():
+            # Binance switched archive timestamps to microseconds in 2025; the REST API stays in ms.
+            unit = "us" if frame["open_time"].max() > 10**14 else "ms"
+            frame = frame.with_columns(pl.from_epoch("open_time", time_unit=unit).alias("timestamps"))
+        else:
+            frame = frame.with_columns(pl.col("open_time").str.to_datetime().alias("timestamps"))
+        if "quote_volume" in frame.columns and "amount" not in frame.columns:
+            frame = frame.rename({"quote_volume": "amount"})
+    elif "timestamps" in frame.columns:
+        if frame["timestamps"].dtype == pl.String:
+            frame = frame.with_columns(pl.col("timestamps").str.to_datetime())
+    else:
+        raise ValueError(f"{path}: need an 'open_time' (Binance layout) or 'timestamps' column, got {frame.columns}")
+    keep = [c for c in ("timestamps", "open", "high", "low", "close", "volume", "amount") if c in frame.columns]
+    result = frame.select(keep).to_pandas()
+    if not result["timestamps"].is_monotonic_increasing or result["timestamps"].duplicated().any():
+        raise ValueError(f"{path}: timestamps must be unique and sorted ascending")
+    return result
+
+
+def infer_step(timestamps: pd.Series) -> pd.Timedelta:
+    steps = timestamps.diff().dropna()
+    if steps.empty:
+        raise ValueError("need at least two candles to infer the interval")
+    return steps.mode().iloc[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    # Heavy imports here so `kronosd --help` stays fast.
+    from kronos_model import Kronos, KronosPredictor, KronosTokenizer
+
+    candles = load_candles(Path(args.data))
+    if args.end:
+        end = pd.Timestamp(args.end)
+        end = end.tz_localize(None) if end.tzinfo else end
+        position = int(candles["timestamps"].searchsorted(end, side="right"))
+    else:
+        position = len(candles)
+    if position < args.lookback:
+        raise ValueError(f"only {position} candles up to the chosen end, but --lookback is {args.lookback}")
+    history = candles.iloc[position - args.lookback : position].reset_index(drop=True)
+    actual = candles.iloc[position : position + args.horizon].reset_index(drop=True)
+    step = infer_step(history["timestamps"])
+    future_times = pd.Series(history["timestamps"].iloc[-1] + step * np.arange(1, args.horizon + 1))
+
+    model_src = args.model or BUNDLED_CHECKPOINT / "model"
+    tokenizer_src = args.tokenizer or (Path(args.model) / "tokenizer" if args.model and
+                                       (Path(args.model) / "tokenizer").is_dir() else BUNDLED_CHECKPOINT / "tokenizer")
+    if args.model and (Path(args.model) / "model").is_dir():
+        model_src = Path(args.model) / "model"
+    tokenizer = KronosTokenizer.from_pretrained(tokenizer_src, local_files_only=args.offline)
+    model = Kronos.from_pretrained(model_src, local_files_only=args.offline)
+    predictor = KronosPredictor(model, tokenizer, device=args.device, max_context=args.max_context)
+    result = predictor.forecast(history.drop(columns="timestamps"), history["timestamps"], future_times,
+                                args.horizon, T=args.temperature, top_p=args.top_p, sample_count=args.samples,
+                                seed=args.seed, verbose=sys.stderr.isatty())
+
+    table = result.to_frame()[["close_p10", "close_p50", "close_p90", "close_mean", "prob_up"]]
+    if len(actual):
+        table["close_actual"] = pd.Series(actual["close"].to_numpy(), index=table.index[: len(actual)])
+    if args.json:
+        payload = {
+            "model": str(model_src), "tokenizer": str(tokenizer_src), "samples": args.samples, "seed": args.seed,
+            "last_close": result.last_close, "history_end": str(history["timestamps"].iloc[-1]),
+            "steps": json.loads(table.reset_index().to_json(orient="records", date_format="iso")),
+        }
+        print(json.dumps(payload, indent=2))
+    else:
+        print(f"model {model_src} | tokenizer {tokenizer_src}")
+        print(f"{args.lookback} candles up to {history['timestamps'].iloc[-1]} (last close "
+              f"{result.last_close:,.2f}); {args.samples} sample paths, seed {args.seed}")
+        if Path(model_src).resolve().is_relative_to(BUNDLED_CHECKPOINT):
+            print("note: the bundled tiny checkpoint has random weights; this shows the pipeline, not a market view")
+        with pd.option_context("display.float_format", "{:,.2f}".format, "display.width", 120):
+            print(table.to_string())
+        if len(actual):
+            error = np.abs(table["close_p50"].iloc[: len(actual)] - table["close_actual"].dropna()).mean()
+            naive = np.abs(result.last_close - actual["close"]).mean()
+            print(f"median-path close MAE {error:,.2f} vs last-close (random walk) MAE {naive:,.2f}")
+    if args.out:
+        result.to_frame().to_csv(args.out)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "forecast", help="forecast the next candles of a series with sample paths",
+        description="Forecast the candles after a window of real data, with quantiles and P(up) from sample paths.",
+    )
+    parser.add_argument("--data", default=str(BUNDLED_DATA),
+                        help="candles: Parquet or CSV(.gz), Binance kline or Kronos layout (default: bundled BTCUSDT 1h)")
+    parser.add_argument("--end", help="last candle of the look-back window (default: the last in the data)")
+    parser.add_argument("--model", help="predictor: hub id, checkpoint dir, or a dir with model/ and tokenizer/ "
+                        "(default: the bundled tiny random-weight pair)")
+    parser.add_argument("--tokenizer", help="tokenizer: hub id or checkpoint dir")
+    parser.add_argument("--lookback", type=int, default=400)
+    parser.add_argument("--horizon", type=int, default=24)
+    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--max-context", type=int, default=512, help="512 for Kronos-small/base, 2048 for mini")
+    parser.add_argument("--device", help="cuda, mps or cpu (default: auto)")
+    parser.add_argument("--offline", action="store_true", help="only use checkpoints already on disk")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--out", help="also write every step's mean, quantiles and P(up) to this CSV")
+    parser.set_defaults(handler=run)
