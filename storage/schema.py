@@ -1,0 +1,115 @@
+"""Table definitions and forward-only migrations of the candle store.
+
+Every migration is a list of SQL statements applied in one transaction, and the version it reaches
+is recorded in `schema_version`. Later issues append migrations (forecasts, models); never edit one
+that has shipped, since existing stores have already run it.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+# Column order shared by the table, the writer's staging frames and the exporters.
+CANDLE_VALUE_COLUMNS = (
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "quote_volume",
+    "taker_buy_base",
+    "taker_buy_quote",
+)
+
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "candles, gaps and ingest batches",
+        [
+            """
+            CREATE TABLE candles (
+                symbol VARCHAR NOT NULL,
+                interval VARCHAR NOT NULL,
+                open_time TIMESTAMPTZ NOT NULL,
+                close_time TIMESTAMPTZ NOT NULL,
+                open DOUBLE NOT NULL,
+                high DOUBLE NOT NULL,
+                low DOUBLE NOT NULL,
+                close DOUBLE NOT NULL,
+                volume DOUBLE NOT NULL,
+                quote_volume DOUBLE,
+                taker_buy_base DOUBLE,
+                taker_buy_quote DOUBLE,
+                trades BIGINT,
+                source VARCHAR NOT NULL,
+                ingested_at TIMESTAMPTZ NOT NULL,
+                PRIMARY KEY (symbol, interval, open_time)
+            )
+            """,
+            """
+            CREATE TABLE gaps (
+                symbol VARCHAR NOT NULL,
+                interval VARCHAR NOT NULL,
+                gap_start TIMESTAMPTZ NOT NULL,
+                gap_end TIMESTAMPTZ NOT NULL,
+                status VARCHAR NOT NULL,
+                reason VARCHAR,
+                checked_at TIMESTAMPTZ NOT NULL,
+                PRIMARY KEY (symbol, interval, gap_start)
+            )
+            """,
+            """
+            CREATE TABLE ingest_batches (
+                batch_id BIGINT PRIMARY KEY,
+                committed_at TIMESTAMPTZ NOT NULL,
+                rows_in BIGINT NOT NULL,
+                rows_changed BIGINT NOT NULL
+            )
+            """,
+        ],
+    ),
+]
+
+LATEST_VERSION = MIGRATIONS[-1][0]
+
+
+def current_version(con: duckdb.DuckDBPyConnection) -> int:
+    exists = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
+    ).fetchone()
+    if not exists or not exists[0]:
+        return 0
+    row = con.execute("SELECT max(version) FROM schema_version").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> list[int]:
+    """Bring the database up to LATEST_VERSION; returns the versions applied (empty when current).
+
+    A store written by a newer kronosd is refused rather than guessed at.
+    """
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        " version INTEGER PRIMARY KEY, description VARCHAR NOT NULL, applied_at TIMESTAMPTZ NOT NULL)"
+    )
+    version = current_version(con)
+    if version > LATEST_VERSION:
+        raise ValueError(
+            f"this store has schema version {version}, newer than this kronosd understands "
+            f"({LATEST_VERSION}); upgrade kronosd"
+        )
+    applied = []
+    for target, description, statements in MIGRATIONS:
+        if target <= version:
+            continue
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for statement in statements:
+                con.execute(statement)
+            con.execute("INSERT INTO schema_version VALUES (?, ?, now())", [target, description])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        applied.append(target)
+    return applied

@@ -1,0 +1,58 @@
+"""Publishing a read-only copy of the live store at the path users open.
+
+DuckDB refuses every other process (even read-only) while one holds a file read-write, so users never
+open the live file. Instead the writer copies the whole database into a temp file, fsyncs it and
+renames it over the public name. A reader that holds the previous snapshot keeps reading its (now
+unlinked) inode; opening again shows the new data. The copy is written in an older storage format
+so that DuckDB 1.4+ clients can open it (see docs/storage.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import duckdb
+
+# Storage format of published snapshots: readable by DuckDB >= 1.4.0, not only by 2.x.
+SNAPSHOT_STORAGE_VERSION = "v1.4.0"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_snapshot(
+    con: duckdb.DuckDBPyConnection,
+    source_catalog: str,
+    target: str | Path,
+    *,
+    storage_version: str = SNAPSHOT_STORAGE_VERSION,
+) -> Path:
+    """Copy the database `source_catalog` of `con` to `target` atomically; returns `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}.publishing-{os.getpid()}")
+    for leftover in (temp, Path(f"{temp}.wal")):
+        leftover.unlink(missing_ok=True)
+    alias = "kronos_snapshot_target"
+    escaped = str(temp).replace("'", "''")
+    con.execute(f"ATTACH '{escaped}' AS {alias} (STORAGE_VERSION '{storage_version}')")
+    try:
+        con.execute(f'COPY FROM DATABASE "{source_catalog}" TO {alias}')
+    finally:
+        # DETACH checkpoints the copy, so no .wal is left next to it.
+        con.execute(f"DETACH {alias}")
+    _fsync_file(temp)
+    os.replace(temp, target)
+    _fsync_dir(target.parent)
+    return target

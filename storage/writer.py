@@ -1,0 +1,185 @@
+"""The single writer: a thread that owns the CandleStore, fed by a queue.
+
+Everything that touches the live database (upserts, gap records, the reads a backfill bases its
+decisions on, snapshot publishing) runs in this thread, in submission order. Upserts waiting in the
+queue are merged into one batch (one transaction, one dedupe) — DuckDB is built for bulk writes,
+not many small transactions. asyncio code awaits the returned futures without blocking its loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import polars as pl
+import structlog
+
+from storage.snapshot import SNAPSHOT_STORAGE_VERSION, publish_snapshot
+from storage.store import CandleStore, UpsertResult
+
+log = structlog.get_logger("storage.writer")
+
+T = TypeVar("T")
+
+# Upserts merged into one transaction at most; bounds memory and the length of a transaction.
+MAX_ROWS_PER_TRANSACTION = 200_000
+
+
+class _Stop:
+    pass
+
+
+class StoreWriter:
+    """Owns a CandleStore in a dedicated thread. Use as a context manager or call start()/close()."""
+
+    def __init__(
+        self,
+        db_path: str | Path,
+        *,
+        snapshot_path: str | Path | None = None,
+        snapshot_interval_s: float = 60.0,
+        memory_limit: str = "1GB",
+        threads: int = 2,
+        snapshot_storage_version: str = SNAPSHOT_STORAGE_VERSION,
+    ) -> None:
+        self.db_path = Path(db_path)
+        self.snapshot_path = Path(snapshot_path) if snapshot_path else None
+        self.snapshot_interval_s = snapshot_interval_s
+        self.snapshot_storage_version = snapshot_storage_version
+        self._store_options = {"memory_limit": memory_limit, "threads": threads}
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._opened: Future[CandleStore] = Future()
+        self._last_publish = 0.0
+        self._held: Any = None
+        self._dirty_since_publish = False
+        self.snapshots_published = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> StoreWriter:
+        self._thread = threading.Thread(target=self._run, name="kronos-store-writer", daemon=True)
+        self._thread.start()
+        self._opened.result()  # re-raises an open error (locked file, newer schema) here
+        return self
+
+    def close(self) -> None:
+        """Finish queued work, publish a final snapshot if anything changed, checkpoint and close."""
+        if self._thread is None:
+            return
+        self._queue.put(_Stop())
+        self._thread.join()
+        self._thread = None
+
+    def __enter__(self) -> StoreWriter:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- submitting work ------------------------------------------------------------------------
+    def submit(self, frame: pl.DataFrame) -> Future[UpsertResult]:
+        future: Future[UpsertResult] = Future()
+        self._queue.put(("upsert", frame, future))
+        return future
+
+    def call(self, func: Callable[[CandleStore], T]) -> Future[T]:
+        """Run func(store) in the writer thread, after everything submitted before it."""
+        future: Future[T] = Future()
+        self._queue.put(("call", func, future))
+        return future
+
+    def request_snapshot(self) -> Future[Path | None]:
+        return self.call(lambda store: self._publish(store, force=True))
+
+    async def upsert(self, frame: pl.DataFrame) -> UpsertResult:
+        return await asyncio.wrap_future(self.submit(frame))
+
+    async def run(self, func: Callable[[CandleStore], T]) -> T:
+        return await asyncio.wrap_future(self.call(func))
+
+    @property
+    def recovery(self):
+        return self._opened.result().recovery
+
+    # -- the thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            store = CandleStore(self.db_path, **self._store_options)
+        except BaseException as exc:
+            self._opened.set_exception(exc)
+            return
+        self._opened.set_result(store)
+        try:
+            while True:
+                item, self._held = (self._held, None) if self._held is not None else (self._queue.get(), None)
+                if isinstance(item, _Stop):
+                    break
+                pending = [item]
+                if item[0] == "upsert":
+                    pending = self._gather_upserts(item)
+                self._execute(store, pending)
+                self._publish(store, force=False)
+            self._publish(store, force=False, final=True)
+        finally:
+            store.close()
+
+    def _gather_upserts(self, first: tuple) -> list[tuple]:
+        """Take the upserts queued right behind `first`. Any other kind of work ends the batch and is
+        held back to run next, so submission order is kept."""
+        batch, rows = [first], first[1].height
+        while rows < MAX_ROWS_PER_TRANSACTION:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Stop) or item[0] != "upsert":
+                self._held = item
+                break
+            batch.append(item)
+            rows += item[1].height
+        return batch
+
+    def _execute(self, store: CandleStore, pending: list[tuple]) -> None:
+        kind = pending[0][0]
+        if kind == "call":
+            _, func, future = pending[0]
+            try:
+                future.set_result(func(store))
+            except BaseException as exc:
+                future.set_exception(exc)
+            return
+        frames = [frame for _, frame, _ in pending]
+        try:
+            result = store.upsert(pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0])
+        except BaseException as exc:
+            log.error("upsert_failed", error=str(exc), batches=len(frames))
+            for _, _, future in pending:
+                future.set_exception(exc)
+            return
+        if result.rows_changed:
+            self._dirty_since_publish = True
+        for _, _, future in pending:
+            future.set_result(result)
+
+    def _publish(self, store: CandleStore, *, force: bool, final: bool = False) -> Path | None:
+        if self.snapshot_path is None:
+            return None
+        due = time.monotonic() - self._last_publish >= self.snapshot_interval_s
+        needed = self._dirty_since_publish or not self.snapshot_path.exists()
+        if not force and not (needed and (due or final)):
+            return None
+        published = publish_snapshot(
+            store.con, store.catalog, self.snapshot_path, storage_version=self.snapshot_storage_version
+        )
+        store.checkpoint()
+        self._last_publish = time.monotonic()
+        self._dirty_since_publish = False
+        self.snapshots_published += 1
+        log.info("snapshot_published", path=str(published))
+        return published
