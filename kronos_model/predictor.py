@@ -70,18 +70,16 @@ def candle_features(df: Any) -> np.ndarray:
                          f"(volume and amount are optional), got {columns}")
 
     def column(name: str) -> np.ndarray:
-        values = df[name].to_numpy() if _is_polars(df) else df[name].to_numpy(dtype=np.float64, na_value=np.nan)
         try:
-            return np.asarray(values, dtype=np.float64)
+            if _is_polars(df):
+                return np.asarray(df[name].to_numpy(), dtype=np.float64)
+            return df[name].to_numpy(dtype=np.float64, na_value=np.nan)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"column {name!r} is not numeric: {exc}") from exc
 
     prices = np.stack([column(c) for c in PRICE_COLUMNS], axis=-1)
     volume = column("volume") if "volume" in columns else np.zeros(len(prices))
-    if "amount" in columns:
-        amount = column("amount")
-    else:
-        amount = volume * prices.mean(axis=-1)
+    amount = column("amount") if "amount" in columns else volume * prices.mean(axis=-1)
     features = np.column_stack([prices, volume, amount])
     bad = ~np.isfinite(features)
     if bad.any():

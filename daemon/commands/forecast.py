@@ -118,7 +118,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Forecast the candles after a window of real data, with quantiles and P(up) from sample paths.",
     )
     parser.add_argument("--data", default=str(BUNDLED_DATA),
-                        help="candles: Parquet or CSV(.gz), Binance kline or Kronos layout (default: bundled BTCUSDT 1h)")
+                        help="candles: Parquet or CSV(.gz), Binance kline or Kronos layout "
+                        "(default: bundled BTCUSDT 1h)")
     parser.add_argument("--end", help="last candle of the look-back window (default: the last in the data)")
     parser.add_argument("--model", help="predictor: hub id, checkpoint dir, or a dir with model/ and tokenizer/ "
                         "(default: the bundled tiny random-weight pair)")
