@@ -51,12 +51,20 @@ class RotaryPositionalEmbedding(nn.Module):
 
     def __init__(self, head_dim: int):
         super().__init__()
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq)
+        self.head_dim = head_dim
+        self.register_buffer("inv_freq", self._inv_freq(head_dim))
+
+    @staticmethod
+    def _inv_freq(head_dim: int, device: torch.device | None = None) -> torch.Tensor:
+        return 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin tables of shape (len, head_dim) for integer positions."""
-        angles = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
+        """cos/sin tables of shape (len, head_dim) for integer positions, always computed in float32: a model
+        cast to bf16 would otherwise round positions above 256 and the buffer's frequencies."""
+        inv_freq = self.inv_freq
+        if inv_freq.dtype != torch.float32:
+            inv_freq = self._inv_freq(self.head_dim, inv_freq.device)
+        angles = positions.float()[:, None] * inv_freq[None, :]
         emb = torch.cat((angles, angles), dim=-1)
         return emb.cos(), emb.sin()
 
@@ -393,7 +401,8 @@ class KronosTokenizer(nn.Module, HubMixin):
             flags = torch.cat([bits(ids[0], self.s1_bits), bits(ids[1], self.s2_bits)], dim=-1)
         else:
             flags = bits(ids, self.codebook_dim)
-        return (flags.float() * 2 - 1) * (1.0 / math.sqrt(self.codebook_dim))
+        code = (flags.float() * 2 - 1) * (1.0 / math.sqrt(self.codebook_dim))
+        return code.to(self.post_quant_embed.weight.dtype)
 
     def decode_code(self, code: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
         return self.head(run_blocks(self.decoder, self.post_quant_embed(code), caches=caches))

@@ -202,8 +202,10 @@ class KronosPredictor:
         if len(lengths) > 1:
             raise ValueError(f"all series must have the same look-back length, got {sorted(lengths)}")
 
+        dtype = next(self.tokenizer.parameters()).dtype  # follow a model cast to bf16/fp16
+
         def batch(k: int) -> torch.Tensor:
-            return torch.from_numpy(np.stack([p[k] for p in prepared])).to(self.device)
+            return torch.from_numpy(np.stack([p[k] for p in prepared])).to(self.device, dtype)
 
         generator = None
         if seed is not None:

@@ -184,3 +184,11 @@ def test_batch_with_different_lookbacks_is_rejected(predictor):
 
 def test_reference_fixture_dir_exists():
     assert (REFERENCE / "tiny_sliding_window" / "case.npz").exists()
+
+
+def test_a_model_cast_to_bf16_forecasts_close_to_fp32():
+    tokenizer, model = CASE.load()
+    bf16 = KronosPredictor(model.to(torch.bfloat16), tokenizer.to(torch.bfloat16), device="cpu", max_context=128)
+    result = bf16.forecast(*args(), top_k=1, sample_count=1)
+    prices = CASE.arrays["greedy_pred"][:, :4]
+    assert np.abs(result.mean[:, :4] / prices - 1).max() < 0.01
