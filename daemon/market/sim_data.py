@@ -97,9 +97,7 @@ class CandleBook:
     def add(self, symbol: str, interval: str, frame: pl.DataFrame) -> None:
         self.series[(symbol.upper(), interval)] = Series.from_frame(symbol.upper(), interval, frame)
 
-    def add_file(
-        self, path: str | Path, symbol: str | None = None, interval: str | None = None
-    ) -> tuple[str, str]:
+    def add_file(self, path: str | Path, symbol: str | None = None, interval: str | None = None) -> tuple[str, str]:
         frame, _ = read_kline_file(path, symbol=symbol, interval=interval, allow_off_grid=True)
         name = (frame["symbol"][0], frame["interval"][0]) if frame.height else (symbol, interval)
         self.add(name[0], name[1], frame)

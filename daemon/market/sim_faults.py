@@ -30,9 +30,7 @@ def parse_fault(spec: str) -> tuple[Fault, int]:
     """`rest:429:2:1` → (Fault(rest, 429, param=1), count 2). Format TARGET:KIND[:COUNT[:PARAM]]."""
     parts = spec.split(":")
     if len(parts) < 2 or parts[0] not in TARGET_KINDS:
-        raise ValueError(
-            f"fault {spec!r}: expected TARGET:KIND[:COUNT[:PARAM]] with TARGET one of rest, ws, archive"
-        )
+        raise ValueError(f"fault {spec!r}: expected TARGET:KIND[:COUNT[:PARAM]] with TARGET one of rest, ws, archive")
     target, kind = parts[0], parts[1]
     if kind not in TARGET_KINDS[target]:
         raise ValueError(f"fault {spec!r}: {target} faults are {sorted(TARGET_KINDS[target])}")

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from daemon.market.sim_data import CandleBook, Series, SimClock, format_number, kline_row, ws_kline_event
 from daemon.market.sim_faults import FaultPlan
@@ -207,8 +209,7 @@ class ExchangeSimulator:
         if isinstance(gate, web.Response):
             return gate
         symbols = [
-            {"symbol": s, "status": "TRADING", "baseAsset": s[:-4], "quoteAsset": s[-4:]}
-            for s in self.book.symbols()
+            {"symbol": s, "status": "TRADING", "baseAsset": s[:-4], "quoteAsset": s[-4:]} for s in self.book.symbols()
         ]
         wanted = request.query.get("symbol")
         if wanted:
@@ -403,13 +404,7 @@ class _StreamSession:
         if path.startswith("/stream"):
             self.combined = True
             query = path.partition("?")[2]
-            names = [
-                p
-                for part in query.split("&")
-                if part.startswith("streams=")
-                for p in part[8:].split("/")
-                if p
-            ]
+            names = [p for part in query.split("&") if part.startswith("streams=") for p in part[8:].split("/") if p]
         elif path.startswith("/ws"):
             names = [p for p in path[3:].split("/") if p]
         else:
@@ -420,6 +415,8 @@ class _StreamSession:
         reader = asyncio.create_task(self._read_control())
         try:
             await self._push_loop()
+        except ConnectionClosed:
+            pass  # the client went away; nothing to clean up
         finally:
             reader.cancel()
 
@@ -449,7 +446,7 @@ class _StreamSession:
     async def _push_loop(self) -> None:
         sim, opened = self.sim, time.monotonic()
         last_update = 0.0
-        while True:
+        while self.ws.state is State.OPEN:
             if sim.ws_lifetime_s is not None and time.monotonic() - opened > sim.ws_lifetime_s:
                 await self.ws.close(1001, "connection lifetime reached")  # the 24 h cut
                 return

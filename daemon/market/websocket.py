@@ -1,0 +1,151 @@
+"""Binance kline streams over websockets (≥ 14, asyncio implementation).
+
+One `KlineConnection` carries up to 1024 streams (a raw `/ws/<stream>` URL for one, a combined
+`/stream?streams=a/b/…` URL for more). It reconnects on every kind of end — abnormal closure, a
+normal close (1000/1001, which websockets reports as a plain end of iteration), a `serverShutdown`
+event, the connection age nearing Binance's 24 h cut, and a silent stall caught by the staleness
+watchdog — with exponential backoff and jitter, reset once a new connection delivers a message.
+Nothing sent while disconnected is replayed by Binance, so every (re)connect is reported to the
+owner (live.py), which backfills the gap through REST.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from daemon.market.klines import stream_name, ws_event_to_row
+
+log = structlog.get_logger("daemon.market.websocket")
+
+MAX_STREAMS_PER_CONNECTION = 1024
+
+
+@dataclass
+class StreamSettings:
+    base_url: str = "wss://stream.binance.com:9443"
+    watchdog_s: float = 120.0
+    # Binance cuts every connection at 24 h; reconnecting earlier, at a moment we choose, is kinder.
+    max_connection_age_s: float = 23.5 * 3600
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    open_timeout_s: float = 10.0
+
+
+def stream_url(base_url: str, streams: list[str]) -> str:
+    base = base_url.rstrip("/")
+    if len(streams) == 1:
+        return f"{base}/ws/{streams[0]}"
+    return f"{base}/stream?streams={'/'.join(streams)}"
+
+
+def split_pairs(pairs: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    return [pairs[i : i + MAX_STREAMS_PER_CONNECTION] for i in range(0, len(pairs), MAX_STREAMS_PER_CONNECTION)]
+
+
+class KlineConnection:
+    """Keeps one websocket connection alive for `pairs`; hands every kline row to `on_row` and every
+    successful (re)connect to `on_connect`."""
+
+    def __init__(
+        self,
+        pairs: list[tuple[str, str]],
+        settings: StreamSettings,
+        on_row: Callable[[dict[str, Any]], Awaitable[None]],
+        on_connect: Callable[[list[tuple[str, str]]], Awaitable[None]],
+    ) -> None:
+        if not 1 <= len(pairs) <= MAX_STREAMS_PER_CONNECTION:
+            raise ValueError(f"a connection carries 1..{MAX_STREAMS_PER_CONNECTION} streams, got {len(pairs)}")
+        self.pairs = pairs
+        self.settings = settings
+        self.url = stream_url(settings.base_url, [stream_name(s, i) for s, i in pairs])
+        self.on_row, self.on_connect = on_row, on_connect
+        self.connects = 0
+        self.reconnect_reasons: list[str] = []
+        self._stopping = False
+        self._ws: ClientConnection | None = None
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def run(self) -> None:
+        failures = 0
+        while not self._stopping:
+            try:
+                async with connect(
+                    self.url, open_timeout=self.settings.open_timeout_s, proxy=None, max_queue=1024
+                ) as ws:
+                    self._ws = ws
+                    self.connects += 1
+                    log.info("ws_connected", url=self.url, connects=self.connects)
+                    await self.on_connect(self.pairs)
+                    reason, delivered = await self._read(ws)
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status in (451, 403):
+                    raise ValueError(
+                        f"{self.settings.base_url} refuses the websocket (HTTP {status}); set exchange.ws_url "
+                        "(or --ws-url) to another host, e.g. wss://data-stream.binance.vision"
+                    ) from None
+                reason, delivered = f"handshake refused: HTTP {status}", False
+            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
+                reason, delivered = f"{type(exc).__name__}: {exc}", False
+            finally:
+                self._ws = None
+            if self._stopping:
+                return
+            failures = 0 if delivered else failures + 1
+            self.reconnect_reasons.append(reason)
+            delay = self._delay(failures)
+            log.warning("ws_reconnect", url=self.url, reason=reason, delay_s=round(delay, 3))
+            await asyncio.sleep(delay)
+
+    def _delay(self, failures: int) -> float:
+        # Even a planned reconnect waits a little: Binance allows 300 connection attempts per 5 min.
+        ceiling = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** max(failures - 1, 0))
+        return random.uniform(ceiling / 2, ceiling) if failures else self.settings.backoff_base_s / 4
+
+    async def _read(self, ws: ClientConnection) -> tuple[str, bool]:
+        """Read until the connection should be replaced; returns (why, whether anything arrived)."""
+        opened = time.monotonic()
+        delivered = False
+        while True:
+            age_left = self.settings.max_connection_age_s - (time.monotonic() - opened)
+            if age_left <= 0:
+                return "planned reconnect before the 24 h cut", delivered
+            try:
+                # The watchdog clock restarts with every message and every new connection.
+                message = await asyncio.wait_for(ws.recv(), timeout=min(self.settings.watchdog_s, age_left))
+            except TimeoutError:
+                if time.monotonic() - opened >= self.settings.max_connection_age_s:
+                    continue
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(ws.close(), timeout=2)
+                return f"no message for {self.settings.watchdog_s} s (stalled)", delivered
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd else None
+                return f"connection closed (code {code})", delivered
+            delivered = True
+            payload = json.loads(message)
+            event = payload.get("data", payload) if isinstance(payload, dict) else None
+            if not isinstance(event, dict):
+                continue
+            if event.get("e") == "serverShutdown":
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(ws.close(), timeout=2)
+                return "serverShutdown event", delivered
+            row = ws_event_to_row(event)
+            if row is not None:
+                await self.on_row(row)
