@@ -8,6 +8,11 @@ import sys
 
 # Sub-command modules, in the order `kronosd --help` lists them.
 COMMAND_MODULES = (
+    "daemon.commands.backfill",
+    "daemon.commands.import_candles",
+    "daemon.commands.export",
+    "daemon.commands.stats",
+    "daemon.commands.simulate",
     "daemon.commands.forecast",
 )
 

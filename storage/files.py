@@ -23,6 +23,7 @@ REQUIRED_VALUES = ("open_time", "open", "high", "low", "close", "volume")
 # Binance publishes milliseconds; anything above this is microseconds (year 2286 in ms).
 _MICROSECOND_THRESHOLD = 10**13
 _NAME_PATTERN = re.compile(r"^([A-Z0-9]{3,})[-_](\d+[smhdwM])(?:[-_.]|$)")
+_INTERVAL_PATTERN = re.compile(r"[-_](\d+[smhdwM])(?:[-_.]|$)")
 _EXAMPLES = 5
 
 
@@ -47,9 +48,12 @@ class FileCheck:
 
 
 def infer_symbol_interval(path: Path) -> tuple[str | None, str | None]:
-    """`BTCUSDT_1h.parquet`, `BTCUSDT-1h-2024-01.zip` → ("BTCUSDT", "1h")."""
+    """`BTCUSDT_1h.parquet`, `BTCUSDT-1h-2024-01.zip` → ("BTCUSDT", "1h"); `candles_1h.csv` → (None, "1h")."""
     match = _NAME_PATTERN.match(path.name)
-    return (match.group(1), match.group(2)) if match else (None, None)
+    if match:
+        return match.group(1), match.group(2)
+    interval = _INTERVAL_PATTERN.search(path.name)
+    return None, interval.group(1) if interval else None
 
 
 def _read_csv_bytes(data: bytes, source: str) -> pl.DataFrame:
@@ -64,9 +68,7 @@ def _read_csv_bytes(data: bytes, source: str) -> pl.DataFrame:
             raise BadKlineFile(
                 f"{source}: a headerless kline CSV must have 12 columns (Binance layout), found {frame.width}"
             )
-        frame = frame.rename(
-            dict(zip(frame.columns, [*KLINE_FILE_COLUMNS, "ignore"][: frame.width], strict=True))
-        )
+        frame = frame.rename(dict(zip(frame.columns, [*KLINE_FILE_COLUMNS, "ignore"][: frame.width], strict=True)))
     return frame
 
 
@@ -85,9 +87,7 @@ def _read_raw(path: Path) -> pl.DataFrame:
             return _read_csv_bytes(handle.read(), str(path))
     if name.endswith(".csv"):
         return _read_csv_bytes(path.read_bytes(), str(path))
-    raise BadKlineFile(
-        f"{path}: unsupported file type; expected .csv, .csv.gz, .zip (Binance archive) or .parquet"
-    )
+    raise BadKlineFile(f"{path}: unsupported file type; expected .csv, .csv.gz, .zip (Binance archive) or .parquet")
 
 
 def _to_numbers(frame: pl.DataFrame, check: FileCheck) -> pl.DataFrame:
@@ -106,9 +106,7 @@ def _to_numbers(frame: pl.DataFrame, check: FileCheck) -> pl.DataFrame:
             & pl.col(column).cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False).is_null()
         )
         if bad.height:
-            examples = ", ".join(
-                f"row {r + 2}: {v!r}" for r, v in bad.select("row", column).head(_EXAMPLES).rows()
-            )
+            examples = ", ".join(f"row {r + 2}: {v!r}" for r, v in bad.select("row", column).head(_EXAMPLES).rows())
             check.problems.append(f"{bad.height} cells in {column} are not numbers ({examples})")
     return frame.select(casts)
 
@@ -134,9 +132,26 @@ def read_kline_file(
         raise ValueError(
             f"{path.name}: cannot tell the symbol and interval from the file name; pass --symbol and --interval"
         )
+    return check_kline_table(_read_raw(path), path, symbol, interval, allow_off_grid=allow_off_grid)
+
+
+def read_archive_zip(data: bytes, name: str, symbol: str, interval: str) -> tuple[pl.DataFrame, FileCheck]:
+    """A data.binance.vision zip (already checksum-verified) → candle batch with source 'archive'."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        members = [m for m in archive.namelist() if m.lower().endswith(".csv")]
+        if len(members) != 1:
+            raise BadKlineFile(f"{name}: expected one .csv inside the zip, found {members or 'none'}")
+        raw = _read_csv_bytes(archive.read(members[0]), f"{name}:{members[0]}")
+    frame, check = check_kline_table(raw, Path(name), symbol, interval, allow_off_grid=True)
+    return frame.with_columns(pl.lit("archive").alias("source")), check
+
+
+def check_kline_table(
+    raw: pl.DataFrame, path: Path, symbol: str, interval: str, *, allow_off_grid: bool
+) -> tuple[pl.DataFrame, FileCheck]:
+    """Check a raw kline table and turn it into a candle batch; raises BadKlineFile on problems."""
     step = interval_ms(interval)
     check = FileCheck(path)
-    raw = _read_raw(path)
     check.rows = raw.height
     unknown = sorted(set(raw.columns) - set(KLINE_FILE_COLUMNS) - {"ignore"})
     missing = [c for c in REQUIRED_VALUES if c not in raw.columns]
@@ -147,7 +162,8 @@ def read_kline_file(
         )
     frame = _to_numbers(raw, check)
     for column in REQUIRED_VALUES:
-        empty = frame.filter(pl.col(column).is_null() | pl.col(column).is_nan()).height
+        text = raw[column].cast(pl.String).str.strip_chars()
+        empty = int((text.is_null() | (text == "") | (text.str.to_lowercase() == "nan")).sum())
         if empty:
             check.problems.append(f"{empty} rows have no value (empty or NaN) in required column {column}")
     for column in ("quote_volume", "trades", "taker_buy_base", "taker_buy_quote", "close_time"):
@@ -189,8 +205,7 @@ def read_kline_file(
 
 def _examples(frame: pl.DataFrame) -> str:
     return ", ".join(
-        f"row {row + 2} ({format_ms(t)})"
-        for row, t in frame.select("row", "open_time").head(_EXAMPLES).rows()
+        f"row {row + 2} ({format_ms(t)})" for row, t in frame.select("row", "open_time").head(_EXAMPLES).rows()
     )
 
 
@@ -200,14 +215,10 @@ def _check_order_and_values(
     indexed = frame.with_row_index("row")
     unsorted = indexed.filter(pl.col("open_time") < pl.col("open_time").shift(1))
     if unsorted.height:
-        check.problems.append(
-            f"{unsorted.height} rows are earlier than the row before them: {_examples(unsorted)}"
-        )
+        check.problems.append(f"{unsorted.height} rows are earlier than the row before them: {_examples(unsorted)}")
     duplicated = indexed.filter(pl.col("open_time").is_duplicated())
     if duplicated.height:
-        check.problems.append(
-            f"{duplicated.height} rows share an open_time with another row: {_examples(duplicated)}"
-        )
+        check.problems.append(f"{duplicated.height} rows share an open_time with another row: {_examples(duplicated)}")
     off_grid = indexed.filter((pl.col("open_time") - grid_offset_ms(interval)) % step != 0)
     check.off_grid_rows = off_grid.height
     if off_grid.height:
@@ -225,9 +236,7 @@ def _check_order_and_values(
         | (pl.col("low") > pl.col("high"))
     )
     if violations.height:
-        check.problems.append(
-            f"{violations.height} rows break low <= open, close <= high: {_examples(violations)}"
-        )
+        check.problems.append(f"{violations.height} rows break low <= open, close <= high: {_examples(violations)}")
     non_positive = indexed.filter(pl.min_horizontal("open", "high", "low", "close") <= 0)
     if non_positive.height:
         check.problems.append(f"{non_positive.height} rows have a price <= 0: {_examples(non_positive)}")

@@ -36,9 +36,7 @@ def interval_ms(interval: str) -> int:
         return INTERVAL_MS[interval]
     except KeyError:
         if interval == "1M":
-            raise ValueError(
-                "interval 1M is not supported: months have no fixed length (use 1w or 1d)"
-            ) from None
+            raise ValueError("interval 1M is not supported: months have no fixed length (use 1w or 1d)") from None
         known = ", ".join(INTERVAL_MS)
         raise ValueError(f"unknown interval {interval!r}; Binance intervals are: {known}") from None
 
@@ -81,9 +79,7 @@ def parse_time(text: str) -> int:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(
-            f"cannot read time {text!r}; use YYYY-MM-DD, YYYY-MM-DDTHH:MM or milliseconds"
-        ) from None
+        raise ValueError(f"cannot read time {text!r}; use YYYY-MM-DD, YYYY-MM-DDTHH:MM or milliseconds") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)

@@ -52,8 +52,7 @@ def candle_report(frame: pl.DataFrame, symbol: str, interval: str) -> dict[str, 
         duplicates=frame.height - frame.unique("open_time").height,
         off_grid=frame.height - on_grid.height,
         ohlc_violations=frame.filter(
-            (pl.col("low") > pl.min_horizontal("open", "close"))
-            | (pl.col("high") < pl.max_horizontal("open", "close"))
+            (pl.col("low") > pl.min_horizontal("open", "close")) | (pl.col("high") < pl.max_horizontal("open", "close"))
         ).height,
         zero_volume=frame.filter(pl.col("volume") == 0).height,
     )

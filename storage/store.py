@@ -121,9 +121,7 @@ class CandleStore:
     def _connect(self) -> duckdb.DuckDBPyConnection:
         # Explicit limits: this process also runs torch, and DuckDB's defaults take 80 % of RAM
         # and every core.
-        con = duckdb.connect(
-            str(self.path), config={"memory_limit": self.memory_limit, "threads": self.threads}
-        )
+        con = duckdb.connect(str(self.path), config={"memory_limit": self.memory_limit, "threads": self.threads})
         con.execute("SET TimeZone = 'UTC'")
         return con
 
@@ -191,9 +189,7 @@ class CandleStore:
                 "wal_lost_committed_batches",
                 database=str(self.path),
                 batches=self.recovery.lost_batches,
-                windows=[
-                    f"{w.symbol} {w.interval} {format_ms(w.start_ms)}..{format_ms(w.end_ms)}" for w in windows
-                ],
+                windows=[f"{w.symbol} {w.interval} {format_ms(w.start_ms)}..{format_ms(w.end_ms)}" for w in windows],
                 wal_kept_at=str(kept) if kept else None,
                 action="windows recorded as open gaps; the next backfill re-fetches them",
             )
@@ -233,17 +229,13 @@ class CandleStore:
         self.con.execute("BEGIN TRANSACTION")
         try:
             changed = self.con.execute(_UPSERT_SQL).fetchone()[0] if staged.height else 0
-            self.con.execute(
-                "INSERT INTO ingest_batches VALUES (?, now(), ?, ?)", [batch_id, rows_in, int(changed)]
-            )
+            self.con.execute("INSERT INTO ingest_batches VALUES (?, now(), ?, ?)", [batch_id, rows_in, int(changed)])
             self.con.execute("COMMIT")
         except Exception:
             self.con.execute("ROLLBACK")
             raise
         self._next_batch_id += 1
-        _fsync_append(
-            self.journal_path, json.dumps({"batch": batch_id, "windows": [list(w) for w in windows]})
-        )
+        _fsync_append(self.journal_path, json.dumps({"batch": batch_id, "windows": [list(w) for w in windows]}))
         return UpsertResult(batch_id, rows_in, int(changed))
 
     def record_gap(
@@ -302,14 +294,10 @@ class CandleStore:
         """Stored candles in [start, end) as a frame with millisecond times, oldest first."""
         return read_candles(self.con, symbol, interval, start_ms, end_ms)
 
-    def gap_records(
-        self, symbol: str, interval: str, status: str | None = None
-    ) -> list[tuple[int, int, str, str]]:
+    def gap_records(self, symbol: str, interval: str, status: str | None = None) -> list[tuple[int, int, str, str]]:
         query = (
             "SELECT epoch_ms(gap_start), epoch_ms(gap_end), status, reason FROM gaps"
-            " WHERE symbol = ? AND interval = ?"
-            + (" AND status = ?" if status else "")
-            + " ORDER BY gap_start"
+            " WHERE symbol = ? AND interval = ?" + (" AND status = ?" if status else "") + " ORDER BY gap_start"
         )
         params = [symbol, interval] + ([status] if status else [])
         return [(int(a), int(b), s, r) for a, b, s, r in self.con.execute(query, params).fetchall()]
@@ -381,8 +369,6 @@ def read_candles(
     query = (
         "SELECT symbol, interval, epoch_ms(open_time) AS open_time, epoch_ms(close_time) AS close_time,"
         " open, high, low, close, volume, quote_volume, taker_buy_base, taker_buy_quote, trades, source,"
-        " epoch_ms(ingested_at) AS ingested_at FROM candles WHERE "
-        + " AND ".join(conditions)
-        + " ORDER BY open_time"
+        " epoch_ms(ingested_at) AS ingested_at FROM candles WHERE " + " AND ".join(conditions) + " ORDER BY open_time"
     )
     return con.sql(query, params=params).pl()

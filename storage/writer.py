@@ -164,8 +164,11 @@ class StoreWriter:
             return
         if result.rows_changed:
             self._dirty_since_publish = True
-        for _, _, future in pending:
-            future.set_result(result)
+        # Merged submissions share one transaction; its change count is reported once (on the
+        # first), so callers that add up their results get the true total.
+        for position, (_, frame, future) in enumerate(pending):
+            changed = result.rows_changed if position == 0 else 0
+            future.set_result(UpsertResult(result.batch_id, frame.height, changed))
 
     def _publish(self, store: CandleStore, *, force: bool, final: bool = False) -> Path | None:
         if self.snapshot_path is None:

@@ -1,0 +1,117 @@
+"""`kronosd backfill`: fetch every closed candle of a window into the store (archive + REST)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+from tqdm import tqdm
+
+from daemon.commands.market_common import add_common_options, add_pair_options, open_writer, resolve
+from daemon.market.archive import ArchiveClient
+from daemon.market.backfill import SOURCES, backfill
+from daemon.market.rest import BinanceRestClient, IpBannedError, RequestFailedError, RestSettings
+from storage.intervals import parse_time
+
+EXIT_BANNED = 3
+EXIT_UNREACHABLE = 4
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "backfill",
+        help="download closed candles into the store (resumes; a second run changes nothing)",
+        description="Fill the store with every closed candle of a window: the archive for large holes, REST "
+        "for the rest. Exchange outages are recorded as confirmed empty and not fetched again.",
+    )
+    add_pair_options(parser)
+    window = parser.add_mutually_exclusive_group(required=True)
+    window.add_argument("--days", type=float, help="the last N days")
+    window.add_argument("--start", help="first candle, e.g. 2024-01-01 or 2024-01-01T12:00 (UTC)")
+    parser.add_argument("--end", help="stop before this time (default: the last closed candle)")
+    parser.add_argument("--source", choices=SOURCES, default="auto", help="auto: archive for large holes, then REST")
+    parser.add_argument("--rest-url", help="override exchange.rest_url")
+    parser.add_argument("--archive-url", help="override exchange.archive_url")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_common_options(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config, snapshot, live = resolve(args)
+    exchange = config.exchange
+    if args.days is not None and args.days <= 0:
+        raise ValueError("--days must be positive")
+    if args.end and args.days is not None:
+        raise ValueError("--end goes with --start, not with --days")
+    start_ms = parse_time(args.start) if args.start else int((time.time() - args.days * 86400) * 1000)
+    end_ms = parse_time(args.end) if args.end else None
+    if end_ms is not None and end_ms <= start_ms:
+        raise ValueError("--end must be after --start")
+    settings = RestSettings(
+        base_url=args.rest_url or exchange.rest_url,
+        weight_share=exchange.weight_share,
+        timeout_s=exchange.request_timeout_s,
+        max_retries=exchange.max_retries,
+        backoff_base_s=exchange.backoff_base_s,
+        backoff_max_s=exchange.backoff_max_s,
+        ban_file=snapshot.parent / "binance-ban.json",
+    )
+    archive_url = args.archive_url or exchange.archive_url
+    try:
+        with open_writer(config, snapshot, live) as writer:
+            report = asyncio.run(_run(writer, settings, archive_url, args, start_ms, end_ms))
+    except IpBannedError as exc:
+        print(f"kronosd backfill: {exc}", file=sys.stderr)
+        return EXIT_BANNED
+    except RequestFailedError as exc:
+        print(f"kronosd backfill: exchange unreachable: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(report["summary"])
+    return 0
+
+
+async def _run(writer, settings: RestSettings, archive_url: str, args, start_ms: int, end_ms: int | None) -> dict:
+    bar = tqdm(total=0, unit="candle", desc=f"{args.symbol} {args.interval}", disable=None, file=sys.stderr)
+
+    def planned(total: int) -> None:
+        bar.total = total
+        bar.refresh()
+
+    async with BinanceRestClient(settings) as rest, ArchiveClient(archive_url) as archive:
+        try:
+            report = await backfill(
+                writer,
+                rest,
+                args.symbol,
+                args.interval,
+                start_ms,
+                end_ms,
+                archive=archive if args.source != "rest" else None,
+                source=args.source,
+                on_rows=bar.update,
+                on_plan=planned,
+            )
+        finally:
+            bar.close()
+        return {
+            "symbol": report.symbol,
+            "interval": report.interval,
+            "start": report.start_ms,
+            "end": report.end_ms,
+            "holes": len(report.holes),
+            "rows_received": report.rows_received,
+            "rows_changed": report.rows_changed,
+            "archive_files": report.archive_files,
+            "confirmed_empty": report.confirmed_empty,
+            "requests": rest.stats.requests,
+            "rate_limited": rest.stats.rate_limited,
+            "peak_weight_share": round(rest.stats.peak_share, 4),
+            "summary": report.summary(),
+        }

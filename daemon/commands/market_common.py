@@ -1,0 +1,77 @@
+"""Options and helpers shared by the data commands (backfill, import, export, stats, simulate)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import duckdb
+import structlog
+
+from daemon.config import KronosConfig, live_path_for, load_config
+from storage.writer import StoreWriter
+
+BUNDLED_DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "data"
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """JSON log lines on stderr; warnings and errors only unless --verbose."""
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO if verbose else logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="config file (default: ./config.yaml when present)")
+    parser.add_argument(
+        "--db",
+        type=Path,
+        help="the published database users open (default: storage.state_dir/storage.database); the writer's "
+        "own file sits next to it as <name>.live.duckdb",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress events (JSON on stderr)")
+
+
+def add_pair_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("--symbol", required=required, type=str.upper, help="e.g. BTCUSDT")
+    parser.add_argument("--interval", required=required, help="Binance interval, e.g. 1m, 1h, 1d")
+
+
+def resolve(args: argparse.Namespace) -> tuple[KronosConfig, Path, Path]:
+    """(config, published snapshot path, live store path) for the command line given."""
+    configure_logging(getattr(args, "verbose", False))
+    config = load_config(args.config)
+    snapshot = args.db if args.db is not None else config.storage.snapshot_path
+    return config, snapshot, live_path_for(snapshot)
+
+
+def open_writer(config: KronosConfig, snapshot: Path, live: Path) -> StoreWriter:
+    """The store's writer; it publishes the snapshot when it closes (and during long jobs)."""
+    return StoreWriter(
+        live,
+        snapshot_path=snapshot,
+        snapshot_interval_s=config.storage.snapshot_interval_s,
+        memory_limit=config.storage.memory_limit,
+        threads=config.storage.threads,
+        snapshot_storage_version=config.storage.snapshot_storage_version,
+    )
+
+
+def open_snapshot(snapshot: Path) -> duckdb.DuckDBPyConnection:
+    """Read-only connection to the published database, for export and stats."""
+    if not snapshot.exists():
+        raise FileNotFoundError(
+            f"no published database at {snapshot}; run `kronosd backfill` or `kronosd import` first, or pass --db"
+        )
+    con = duckdb.connect(str(snapshot), read_only=True)
+    con.execute("SET TimeZone = 'UTC'")
+    return con
