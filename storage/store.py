@@ -112,7 +112,7 @@ class CandleStore:
         self.recovery = RecoveryReport()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.con = self._open()
-        self.catalog = self.con.execute("SELECT current_database()").fetchone()[0]
+        self.catalog = self.con.execute("SELECT current_database()").fetchall()[0][0]
         migrate(self.con)
         self._next_batch_id = self._max_batch_id() + 1
         self._check_journal()
@@ -160,7 +160,7 @@ class CandleStore:
         return con
 
     def _max_batch_id(self) -> int:
-        row = self.con.execute("SELECT max(batch_id) FROM ingest_batches").fetchone()
+        row = self.con.execute("SELECT max(batch_id) FROM ingest_batches").fetchall()[0]
         return int(row[0]) if row and row[0] is not None else 0
 
     def _read_journal(self) -> list[dict]:
@@ -184,7 +184,11 @@ class CandleStore:
             windows = [LostWindow(*window) for entry in lost for window in entry.get("windows", [])]
             self.recovery.lost_batches = [entry["batch"] for entry in lost]
             self.recovery.lost_windows = windows
-            kept = self.recovery.quarantined_wal or evidence
+            kept = self.recovery.quarantined_wal
+            if kept is None and evidence is not None:
+                # DuckDB stopped replaying at the damage without an error: keep the log it replayed.
+                kept = Path(str(evidence).replace(".replayed-", ".truncated-"))
+                os.replace(evidence, kept)
             log.error(
                 "wal_lost_committed_batches",
                 database=str(self.path),
@@ -193,8 +197,6 @@ class CandleStore:
                 wal_kept_at=str(kept) if kept else None,
                 action="windows recorded as open gaps; the next backfill re-fetches them",
             )
-            if evidence is not None and self.recovery.quarantined_wal is None:
-                os.replace(evidence, Path(str(evidence).replace(".replayed-", ".truncated-")))
             self._next_batch_id = max(entry["batch"] for entry in lost) + 1
             now_ms = int(time.time() * 1000)
             for window in windows:
@@ -228,7 +230,7 @@ class CandleStore:
             )
         self.con.execute("BEGIN TRANSACTION")
         try:
-            changed = self.con.execute(_UPSERT_SQL).fetchone()[0] if staged.height else 0
+            changed = self.con.execute(_UPSERT_SQL).fetchall()[0][0] if staged.height else 0
             self.con.execute("INSERT INTO ingest_batches VALUES (?, now(), ?, ?)", [batch_id, rows_in, int(changed)])
             self.con.execute("COMMIT")
         except Exception:
@@ -285,7 +287,7 @@ class CandleStore:
         row = self.con.execute(
             "SELECT epoch_ms(max(open_time)) FROM candles WHERE symbol = ? AND interval = ?",
             [symbol, interval],
-        ).fetchone()
+        ).fetchall()[0]
         return int(row[0]) if row and row[0] is not None else None
 
     def read_candles(
