@@ -56,7 +56,7 @@ class StoreWriter:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._opened: Future[CandleStore] = Future()
-        self._last_publish = 0.0
+        self._last_publish: float | None = None
         self._held: Any = None
         self._dirty_since_publish = False
         self.snapshots_published = 0
@@ -173,7 +173,7 @@ class StoreWriter:
     def _publish(self, store: CandleStore, *, force: bool, final: bool = False) -> Path | None:
         if self.snapshot_path is None:
             return None
-        due = time.monotonic() - self._last_publish >= self.snapshot_interval_s
+        due = self._last_publish is None or time.monotonic() - self._last_publish >= self.snapshot_interval_s
         needed = self._dirty_since_publish or not self.snapshot_path.exists()
         if not force and not (needed and (due or final)):
             return None
