@@ -132,6 +132,7 @@ class BinanceRestClient:
         self.server_offset_ms = 0
         self._session: aiohttp.ClientSession | None = None
         self._exchange_info: dict[str, Any] | None = None
+        self.last_headers: Any = {}
 
     async def __aenter__(self) -> BinanceRestClient:
         self._check_persisted_ban()
@@ -176,6 +177,7 @@ class BinanceRestClient:
             try:
                 self.stats.requests += 1
                 async with self._session.get(url, params=params) as response:
+                    self.last_headers = response.headers
                     reported = response.headers.get(self.budget.header)
                     status, body = response.status, await response.read()
                     retry_after = response.headers.get("Retry-After")
@@ -241,6 +243,8 @@ class BinanceRestClient:
                     self.budget.window_s = _WINDOW_SECONDS[unit] * number
                     self.budget.header = f"X-MBX-USED-WEIGHT-{number}{_WINDOW_LETTER[unit]}"
                     self.stats.weight_limit = self.budget.limit
+                    # The header name depends on the window, so this reply's count is read only now.
+                    self.budget.settle(0, self.last_headers.get(self.budget.header))
             self._exchange_info = info
         return self._exchange_info
 

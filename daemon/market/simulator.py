@@ -190,7 +190,7 @@ class ExchangeSimulator:
         if fault.kind == "reset":
             if request.transport is not None:
                 request.transport.abort()
-            raise ConnectionResetError("connection reset (injected)")
+            return web.Response(status=500)  # never delivered: the connection is gone
         return None
 
     # -- REST -----------------------------------------------------------------------------------
@@ -279,7 +279,7 @@ class ExchangeSimulator:
         if fault is not None and fault.kind == "reset":
             if request.transport is not None:
                 request.transport.abort()
-            raise ConnectionResetError("connection reset (injected)")
+            return web.Response(status=500)  # never delivered: the connection is gone
         data = self._archive_zip(info["period"], info["symbol"], info["interval"], zip_name)
         if data is None:
             return web.Response(status=404, text="Not Found")
