@@ -48,6 +48,7 @@ class LiveIngestor:
         self.buffers: dict[Pair, list[dict[str, Any]] | None] = dict.fromkeys(self.pairs)
         self.last_closed: dict[Pair, int | None] = dict.fromkeys(self.pairs)
         self.resyncs = 0
+        self.drained = 0  # stream candles held during a backfill and stored after it
         self._resync_tasks: dict[Pair, asyncio.Task] = {}
         self.connections = [
             KlineConnection(group, settings, self._on_row, self._on_connect) for group in split_pairs(self.pairs)
@@ -126,5 +127,6 @@ class LiveIngestor:
         self.buffers[pair] = None
         newest_buffered = max((row["open_time"] for row in buffered), default=None)
         self.last_closed[pair] = max(t for t in (last, newest_buffered, -1) if t is not None)
+        self.drained += len(buffered)
         log.info("resynced", pair=pair, backfilled=report.rows_received, drained=len(buffered))
         await self._store(buffered, pair)
