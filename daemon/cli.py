@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "daemon.commands.stats",
     "daemon.commands.simulate",
     "daemon.commands.forecast",
+    "daemon.commands.finetune",
 )
 
 

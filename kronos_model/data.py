@@ -236,9 +236,10 @@ def split_by_time(frame: pl.DataFrame, spec: WindowSpec, train_ratio: float = 0.
             ratio = {"train": train_ratio, "val": val_ratio, "test": 1 - train_ratio - val_ratio}[name]
             rows = spec.length + (embargo if name != "train" else 0)
             total = int(np.ceil(rows / max(ratio, 1e-9)))
+            after = f" after an embargo of {embargo}" if name != "train" else ""
             raise ValueError(
                 f"the {name} split has no complete window: a window needs {spec.length} consecutive candles "
-                f"(lookback {spec.lookback} + predict {spec.predict} + 1){' after an embargo of ' + str(embargo) if name != 'train' else ''}; "
+                f"(lookback {spec.lookback} + predict {spec.predict} + 1){after}; "
                 f"with {name}_ratio {ratio:.2f} that takes about {total} gap-free candles in all, the data has "
                 f"{frame.height} ({first} to {last}). Add more history or shorten the windows."
             )

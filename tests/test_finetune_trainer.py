@@ -1,0 +1,191 @@
+"""The fine-tuning loop as users run it: real subprocesses, signals, torchrun with gloo, real checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REFERENCE
+from safetensors.torch import load_file
+
+from kronos_model import Kronos, KronosPredictor, KronosTokenizer
+from kronos_model.finetune.checkpoint import load_pair, read_manifest
+
+BTC = str(Path("daemon/assets/data/BTCUSDT_1h.parquet").resolve())
+TINY = {
+    "data_path": BTC, "base_model": "scratch", "tokenizer_id": "scratch", "lookback_window": 24,
+    "predict_window": 4, "train_ratio": 0.8, "val_ratio": 0.1, "epochs": 2, "batch_size": 16,
+    "max_train_windows": 96, "max_val_windows": 64, "tokenizer_learning_rate": 0.002, "learning_rate": 0.002,
+    "device": "cpu", "seed": 7, "log_interval": 1, "progress": False, "patience": 5,
+}
+
+
+def write_config(tmp_path: Path, **changes) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**TINY, **changes}))
+    return path
+
+
+def finetune(config: Path, *overrides: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "kronos_model.finetune", "--config", str(config), *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    _, err = process.communicate(timeout=timeout)
+    return process.returncode, err
+
+
+def log_records(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("run")
+    rc, err = finish(finetune(write_config(tmp), f"output_dir={tmp / 'out'}"))
+    assert rc == 0, err
+    return tmp / "out"
+
+
+def test_run_writes_loadable_checkpoints_log_and_report(finished_run):
+    out = finished_run
+    for which in ("best", "last"):
+        tokenizer, model = load_pair(out / which)  # verifies the manifest hashes too
+        assert not tokenizer.training and not model.training
+    manifest = read_manifest(out / "best")
+    assert manifest["base"] == {"tokenizer": "scratch", "tokenizer_revision": None, "predictor": "scratch",
+                                "predictor_revision": None}
+    assert manifest["data"]["rows"] == 26303 and manifest["data"]["symbols"] == ["BTCUSDT"]
+    assert manifest["config"]["lookback_window"] == 24
+    assert set(manifest["files"]) >= {"tokenizer/model.safetensors", "model/model.safetensors",
+                                      "tokenizer/config.json", "model/config.json"}
+    assert (out / "last" / "trainer_state.pt").exists()
+    records = log_records(out)
+    steps = [r for r in records if "loss" in r]
+    vals = [r for r in records if "val_loss" in r]
+    assert {r["stage"] for r in steps} == {"tokenizer", "predictor"}
+    assert all({"epoch", "step", "lr", "loss", "windows_per_s"} <= set(r) for r in steps)
+    assert [(r["stage"], r["epoch"]) for r in vals] == [("tokenizer", 1), ("tokenizer", 2), ("predictor", 1),
+                                                        ("predictor", 2)]
+    predictor_vals = [r["val_loss"] for r in vals if r["stage"] == "predictor"]
+    assert predictor_vals[-1] < predictor_vals[0]
+    report = (out / "report.md").read_text()
+    assert "| predictor |" in report and "loss_predictor.png" in report
+    assert (out / "loss_tokenizer.png").stat().st_size > 1000
+    assert yaml.safe_load((out / "config.resolved.yaml").read_text())["predict_window"] == 4
+
+
+def test_checkpoints_have_the_key_set_the_original_code_writes(finished_run):
+    """Same files, keys, shapes, dtypes and buffers as the checkpoints the original save_pretrained wrote."""
+    for part in ("tokenizer", "model"):
+        ours = finished_run / "best" / part
+        original = REFERENCE / "tiny_fits_context" / part
+        assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in original.iterdir())
+        assert json.loads((ours / "config.json").read_text()) == json.loads((original / "config.json").read_text())
+        a, b = load_file(str(ours / "model.safetensors")), load_file(str(original / "model.safetensors"))
+        assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
+
+
+def test_best_pair_forecasts(finished_run):
+    tokenizer = KronosTokenizer.from_pretrained(finished_run / "best" / "tokenizer")
+    model = Kronos.from_pretrained(finished_run / "best" / "model")
+    import pandas as pd
+
+    frame = pd.read_parquet(BTC).tail(24)
+    times = pd.to_datetime(frame.open_time, unit="ms")
+    future = pd.Series(pd.date_range(times.iloc[-1] + pd.Timedelta(hours=1), periods=4, freq="h"))
+    result = KronosPredictor(model, tokenizer, device="cpu").forecast(
+        frame.rename(columns={"quote_volume": "amount"}), times, future, 4, sample_count=4, seed=0)
+    assert result.paths.shape == (4, 4, 6)
+
+
+def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_loss_curve(finished_run, tmp_path):
+    config = write_config(tmp_path)
+    out = tmp_path / "out"
+    process = finetune(config, f"output_dir={out}")
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 120
+    # interrupt in the middle of the predictor stage
+    while time.time() < deadline and process.poll() is None:
+        if log.exists() and sum('"predictor"' in line for line in log.read_text().splitlines()) >= 3:
+            process.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.02)
+    rc, err = finish(process)
+    assert rc == 130, err
+    assert "interrupted" in err
+    interrupted_steps = len(log_records(out))
+    rc, err = finish(finetune(config, f"output_dir={out}"))
+    assert rc == 0, err
+    assert '"resumed"' in err
+    resumed = log_records(out)
+    reference = log_records(finished_run)
+    assert interrupted_steps < len(reference)
+    strip = [{k: v for k, v in r.items() if k != "windows_per_s"} for r in resumed]
+    expected = [{k: v for k, v in r.items() if k != "windows_per_s"} for r in reference]
+    assert strip == expected
+    a = load_file(str(out / "last" / "model" / "model.safetensors"))
+    b = load_file(str(finished_run / "last" / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_skip_tokenizer_keeps_the_base_tokenizer(tmp_path):
+    base = REFERENCE / "tiny_fits_context"
+    config = write_config(tmp_path, tokenizer_id=str(base / "tokenizer"), base_model=str(base / "model"),
+                          skip_tokenizer=True, epochs=1)
+    rc, err = finish(finetune(config, f"output_dir={tmp_path / 'out'}"))
+    assert rc == 0, err
+    a = load_file(str(tmp_path / "out" / "best" / "tokenizer" / "model.safetensors"))
+    b = load_file(str(base / "tokenizer" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert {r["stage"] for r in log_records(tmp_path / "out")} == {"predictor"}
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = write_config(tmp_path, tokenizer_learning_rate=1e30, epochs=2, checkpoint_every_steps=1,
+                          tokenizer_grad_clip=1e30)
+    rc, err = finish(finetune(config, f"output_dir={tmp_path / 'out'}"))
+    assert rc == 3, err
+    assert "diverged" in err and "last good checkpoint" in err
+    tokenizer, _ = load_pair(tmp_path / "out" / "last")
+    assert all(torch.isfinite(p).all() for p in tokenizer.parameters())
+
+
+def test_invalid_config_is_a_clear_error(tmp_path):
+    rc, err = finish(finetune(write_config(tmp_path), "batch_size=0", "colour=blue"))
+    assert rc == 2
+    assert "batch_size" in err and "colour" in err
+
+
+def test_two_process_ddp_on_cpu_keeps_ranks_identical(tmp_path):
+    config = write_config(tmp_path, epochs=1, max_train_windows=64)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "kronos_model.finetune", "--config", str(config), f"output_dir={out}"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = {}
+    for line in result.stderr.splitlines():
+        if '"final_parameters"' in line:
+            record = json.loads(line[line.index("{"):])
+            digests[record["rank"]] = record["sha256"]
+    assert set(digests) == {0, 1}
+    assert digests[0] == digests[1]
+    # rank 0 alone wrote: one record per step, no duplicates
+    steps = [(r["stage"], r["step"]) for r in log_records(out) if "loss" in r]
+    assert len(steps) == len(set(steps))
+    assert (out / "best" / "model" / "model.safetensors").exists()
+    # each rank saw half of the 64 windows per epoch: 2 steps of 16 per stage
+    assert max(step for stage, step in steps if stage == "predictor") == 2
