@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 
 from tqdm import tqdm
 
@@ -47,9 +46,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--days must be positive")
     if args.end and args.days is not None:
         raise ValueError("--end goes with --start, not with --days")
-    start_ms = parse_time(args.start) if args.start else int((time.time() - args.days * 86400) * 1000)
+    # --days counts back from the exchange's clock (read once connected), not from ours.
+    start_ms = parse_time(args.start) if args.start else None
     end_ms = parse_time(args.end) if args.end else None
-    if end_ms is not None and end_ms <= start_ms:
+    if end_ms is not None and start_ms is not None and end_ms <= start_ms:
         raise ValueError("--end must be after --start")
     settings = RestSettings(
         base_url=args.rest_url or exchange.rest_url,
@@ -77,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run(writer, settings: RestSettings, archive_url: str, args, start_ms: int, end_ms: int | None) -> dict:
+async def _run(
+    writer, settings: RestSettings, archive_url: str, args, start_ms: int | None, end_ms: int | None
+) -> dict:
     bar = tqdm(total=0, unit="candle", desc=f"{args.symbol} {args.interval}", disable=None, file=sys.stderr)
 
     def planned(total: int) -> None:
@@ -85,6 +87,9 @@ async def _run(writer, settings: RestSettings, archive_url: str, args, start_ms:
         bar.refresh()
 
     async with BinanceRestClient(settings) as rest, ArchiveClient(archive_url) as archive:
+        if start_ms is None:
+            await rest.sync_time()
+            start_ms = rest.server_now_ms() - int(args.days * 86_400_000)
         try:
             report = await backfill(
                 writer,

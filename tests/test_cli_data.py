@@ -1,0 +1,270 @@
+"""The data commands as users run them: real subprocesses, a `kronosd simulate` process on loopback,
+real DuckDB files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+from market_helpers import BUNDLED, REPO
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def kronosd(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=120
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"kronosd {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def simulator(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "simulate", "--start", "2024-06-01T00:30", "--speed", "0"],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        urls = json.loads(process.stdout.readline())
+        yield urls
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    assert process.returncode == 0
+
+
+def table(db: Path, query: str) -> list[tuple]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(query).fetchall()
+    finally:
+        con.close()
+
+
+def test_backfill_twice_changes_nothing_the_second_time(tmp_path, simulator):
+    db = tmp_path / "state" / "kronos.duckdb"
+    common = ["--symbol", "BTCUSDT", "--interval", "1h", "--db", str(db), "--rest-url", simulator["rest_url"]]
+    first = json.loads(kronosd("backfill", "--start", "2024-01-01", "--json", *common, cwd=tmp_path).stdout)
+    assert first["rows_changed"] == first["rows_received"] == (152 * 24)  # Jan 1 → Jun 1 2024
+    assert first["peak_weight_share"] <= 0.5
+    everything = "SELECT * FROM candles ORDER BY open_time"
+    before = table(db, everything)
+    second = json.loads(kronosd("backfill", "--start", "2024-01-01", "--json", *common, cwd=tmp_path).stdout)
+    assert second["holes"] == 0 and second["rows_changed"] == 0
+    assert table(db, everything) == before  # ingested_at included
+    assert (tmp_path / "state" / "kronos.live.duckdb").exists()
+
+
+def test_backfill_through_the_archive_gives_the_same_store_as_rest(tmp_path, simulator):
+    results = {}
+    for source in ("rest", "archive"):
+        db = tmp_path / source / "kronos.duckdb"
+        kronosd(
+            "backfill",
+            "--symbol",
+            "ETHUSDT",
+            "--interval",
+            "1h",
+            "--start",
+            "2023-06-01",
+            "--end",
+            "2024-05-01",
+            "--source",
+            source,
+            "--db",
+            str(db),
+            "--rest-url",
+            simulator["rest_url"],
+            "--archive-url",
+            simulator["archive_url"],
+            cwd=tmp_path,
+        )
+        results[source] = table(
+            db, "SELECT open_time, open, high, low, close, volume, quote_volume, trades FROM candles ORDER BY 1"
+        )
+    assert len(results["rest"]) == 335 * 24
+    assert results["rest"] == results["archive"]
+
+
+def test_backfill_errors_are_one_clear_line(tmp_path, simulator):
+    db = str(tmp_path / "kronos.duckdb")
+    unknown = kronosd(
+        "backfill",
+        "--symbol",
+        "NOPEUSDT",
+        "--interval",
+        "1h",
+        "--days",
+        "2",
+        "--db",
+        db,
+        "--rest-url",
+        simulator["rest_url"],
+        cwd=tmp_path,
+        check=False,
+    )
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().splitlines()[-1].startswith("kronosd backfill: error: unknown symbol 'NOPEUSDT'")
+    bad_interval = kronosd(
+        "backfill",
+        "--symbol",
+        "BTCUSDT",
+        "--interval",
+        "1M",
+        "--days",
+        "2",
+        "--db",
+        db,
+        "--rest-url",
+        simulator["rest_url"],
+        cwd=tmp_path,
+        check=False,
+    )
+    assert bad_interval.returncode == 2 and "months have no fixed length" in bad_interval.stderr
+
+
+def test_a_ban_stops_the_backfill_and_says_until_when(tmp_path, simulator):
+    import urllib.request
+
+    urllib.request.urlopen(
+        urllib.request.Request(f"{simulator['rest_url']}/_sim/fault?spec=rest:418:1:600", method="POST"), timeout=10
+    ).read()
+    db = str(tmp_path / "state" / "kronos.duckdb")
+    args = (
+        "backfill",
+        "--symbol",
+        "BTCUSDT",
+        "--interval",
+        "1h",
+        "--days",
+        "3",
+        "--db",
+        db,
+        "--rest-url",
+        simulator["rest_url"],
+    )
+    banned = kronosd(*args, cwd=tmp_path, check=False)
+    assert banned.returncode == 3
+    assert "banned this IP (HTTP 418) until" in banned.stderr
+    again = kronosd(*args, cwd=tmp_path, check=False)  # remembered: no request is sent
+    assert again.returncode == 3
+
+
+def test_import_stats_export_round_trip_on_the_bundled_data(tmp_path):
+    db = tmp_path / "kronos.duckdb"
+    imported = kronosd(
+        "import",
+        str(BUNDLED / "BTCUSDT_1h.parquet"),
+        str(BUNDLED / "ETHUSDT_1h.parquet"),
+        "--db",
+        str(db),
+        cwd=tmp_path,
+    )
+    assert "26303 of 26303 candles new or changed" in imported.stdout
+    stats = json.loads(
+        kronosd("stats", "--symbol", "BTCUSDT", "--interval", "1h", "--json", "--db", str(db), cwd=tmp_path).stdout
+    )
+    assert stats["rows"] == 26303 and stats["expected"] == 26304 and stats["missing"] == 1
+    assert [gap["from_utc"] for gap in stats["gaps"]] == ["2023-03-24 13:00"]
+    assert stats["duplicates"] == 0 and stats["ohlc_violations"] == 0 and stats["zero_volume"] == 1
+    assert 0.2 < stats["returns"]["annualized_volatility"] < 1.0
+    text = kronosd("stats", "--symbol", "BTCUSDT", "--interval", "1h", "--db", str(db), cwd=tmp_path).stdout
+    assert "2023-03-24 13:00 .. 2023-03-24 14:00 (1 candles)" in text
+
+    csv_out, json_out = tmp_path / "out" / "eth.csv", tmp_path / "out" / "eth.json"
+    kronosd(
+        "export",
+        "--symbol",
+        "ETHUSDT",
+        "--interval",
+        "1h",
+        "--format",
+        "csv",
+        "--start",
+        "2024-01-01",
+        "--out",
+        str(csv_out),
+        "--db",
+        str(db),
+        cwd=tmp_path,
+    )
+    kronosd(
+        "export",
+        "--symbol",
+        "ETHUSDT",
+        "--interval",
+        "1h",
+        "--format",
+        "json",
+        "--end",
+        "2022-09-24",
+        "--out",
+        str(json_out),
+        "--db",
+        str(db),
+        cwd=tmp_path,
+    )
+    assert csv_out.read_text().splitlines()[0].startswith("open_time,open,high,low,close,volume,close_time")
+    records = json.loads(json_out.read_text())
+    assert records[0]["open_time"] == 1663916400000 and len(records) == 17
+    again = kronosd("import", str(csv_out), "--symbol", "ETHUSDT", "--interval", "1h", "--db", str(db), cwd=tmp_path)
+    assert "0 of " in again.stdout  # the exported file is exactly what is stored
+
+
+BAD_FILES = {
+    "nan": "open_time,open,high,low,close,volume\n0,1,2,0.5,NaN,10\n",
+    "unsorted": "open_time,open,high,low,close,volume\n3600000,1,2,0.5,1.5,10\n0,1,2,0.5,1.5,10\n",
+    "duplicate": "open_time,open,high,low,close,volume\n0,1,2,0.5,1.5,10\n0,1,2,0.5,1.5,10\n",
+    "off-grid": "open_time,open,high,low,close,volume\n0,1,2,0.5,1.5,10\n3601000,1,2,0.5,1.5,10\n",
+    "columns": "time,open,high,low,close,volume\n0,1,2,0.5,1.5,10\n",
+    "ohlc": "open_time,open,high,low,close,volume\n0,1,2,0.5,3,10\n",
+}
+EXPECTED_MESSAGE = {
+    "nan": "no value (empty or NaN) in required column close",
+    "unsorted": "earlier than the row before them",
+    "duplicate": "share an open_time",
+    "off-grid": "off the 1h grid",
+    "columns": "wrong columns",
+    "ohlc": "break low <= open, close <= high",
+}
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_FILES))
+def test_a_bad_file_gets_a_clear_report_and_nothing_is_stored(tmp_path, problem):
+    path = tmp_path / f"TESTUSDT_1h_{problem}.csv"
+    path.write_text(BAD_FILES[problem])
+    good = tmp_path / "GOODUSDT_1h.csv"
+    good.write_text("open_time,open,high,low,close,volume\n0,1,2,0.5,1.5,10\n")
+    db = tmp_path / "kronos.duckdb"
+    result = kronosd("import", str(good), str(path), "--db", str(db), cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert EXPECTED_MESSAGE[problem] in result.stderr
+    assert not db.exists(), "a bad file aborts the whole import before anything is stored"
+
+
+def test_stats_without_a_database_says_what_to_do(tmp_path):
+    result = kronosd(
+        "stats",
+        "--symbol",
+        "BTCUSDT",
+        "--interval",
+        "1h",
+        "--db",
+        str(tmp_path / "none.duckdb"),
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "run `kronosd backfill` or `kronosd import` first" in result.stderr
