@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         confirmed = con.execute(
             "SELECT count(*) FROM gaps WHERE symbol = ? AND interval = ? AND status = 'confirmed_empty'",
             [args.symbol, args.interval],
-        ).fetchone()[0]
+        ).fetchall()[0][0]
     finally:
         con.close()
     report = candle_report(frame, args.symbol, args.interval)
