@@ -189,3 +189,26 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical(tmp_path):
     assert (out / "best" / "model" / "model.safetensors").exists()
     # each rank saw half of the 64 windows per epoch: 2 steps of 16 per stage
     assert max(step for stage, step in steps if stage == "predictor") == 2
+
+
+def test_gate_measures_a_pair_reproducibly_against_the_random_walk(finished_run):
+    from datetime import datetime
+
+    import numpy as np
+    import polars as pl
+
+    from kronos_model.data import read_candles
+    from kronos_model.finetune.gate import evaluate_pair
+
+    held_out = read_candles(BTC).filter(pl.col("timestamps") >= datetime(2025, 12, 1))
+    first = evaluate_pair(*load_pair(finished_run / "best"), held_out, 24, 4, origins=6, sample_count=4)
+    again = evaluate_pair(*load_pair(finished_run / "best"), held_out, 24, 4, origins=6, sample_count=4)
+    assert first == again and first.finite and first.origins == 6
+    assert 0 <= first.direction_accuracy <= 1
+    # the random-walk error is computed on the same origins: check it by hand
+    closes = held_out["close"].to_numpy()
+    starts = np.linspace(0, len(closes) - 29, 6).round().astype(int)  # December has no gap
+    expected = np.mean([np.abs(closes[s + 24 : s + 28] - closes[s + 23]).mean() for s in starts])
+    assert first.mae_random_walk == pytest.approx(expected)
+    other = evaluate_pair(*load_pair(finished_run / "last"), held_out, 24, 4, origins=6, sample_count=4)
+    assert other.mae_random_walk == first.mae_random_walk  # same inputs for every pair

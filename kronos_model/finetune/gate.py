@@ -1,0 +1,96 @@
+"""The promotion gate's measurement: how a tokenizer/predictor pair does on a held-out recent window.
+
+Returns the predictor's validation loss (teacher-forced cross entropy, deterministic) and the forecast error
+of sampled forecasts from evenly spaced origins, against the random walk (last close), with fixed seeds: two
+pairs evaluated on the same frame see exactly the same inputs and sampling seeds. The daemon compares a
+challenger with the champion on a window the challenger did not train on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+from kronos_model.data import WindowDataset, WindowSpec, segments
+from kronos_model.model import Kronos, KronosTokenizer
+from kronos_model.predictor import KronosPredictor
+
+
+@dataclass
+class GateResult:
+    origins: int
+    val_loss: float
+    mae: float  # mean absolute error of the median-path close over all origins and steps
+    mae_random_walk: float  # the same for "the close stays at the last close"
+    direction_accuracy: float  # share of (origin, step) where the median path gets the sign of the move right
+
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(v) for v in (self.val_loss, self.mae))
+
+    @property
+    def skill(self) -> float:
+        """1 - MAE / MAE(random walk): > 0 beats doing nothing."""
+        return 1 - self.mae / self.mae_random_walk if self.mae_random_walk > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, float]:
+        return {**asdict(self), "skill": self.skill, "finite": self.finite}
+
+
+def evaluate_pair(tokenizer: KronosTokenizer, model: Kronos, frame: pl.DataFrame, lookback: int, horizon: int,
+                  origins: int = 16, sample_count: int = 8, seed: int = 0, max_context: int = 512,
+                  device: str | None = None, top_p: float = 0.9, batch_size: int = 16) -> GateResult:
+    """Evaluate a pair on a normalised candle frame (see kronos_model.data.read_candles / normalise_frame)."""
+    spec = WindowSpec(lookback, horizon)
+    windows = WindowDataset(segments(frame), spec)
+    if not len(windows):
+        raise ValueError(f"the evaluation frame has no gap-free window of {spec.length} candles")
+    picks = np.linspace(0, len(windows) - 1, min(origins, len(windows))).round().astype(int)
+
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        param = next(model.parameters())
+        for start in range(0, len(picks), batch_size):
+            batch = [windows[i] for i in picks[start : start + batch_size]]
+            x = torch.stack([b[0] for b in batch]).to(param.device)
+            stamp = torch.stack([b[1] for b in batch]).to(param.device)
+            s1, s2 = tokenizer.to(param.device).eval().encode(x, half=True)
+            s1_logits, s2_logits = model(s1[:, :-1], s2[:, :-1], stamp[:, :-1], use_teacher_forcing=True,
+                                         s1_targets=s1[:, 1:])
+            loss, _, _ = model.head.compute_loss(s1_logits.float(), s2_logits.float(), s1[:, 1:], s2[:, 1:])
+            losses.append(loss.item() * len(batch))
+    val_loss = sum(losses) / len(picks)
+
+    predictor = KronosPredictor(model, tokenizer, device=device, max_context=max_context)
+    histories, x_times, y_times, actual, last = [], [], [], [], []
+    for i in picks:
+        k, start = windows.index[i]
+        part = windows.parts[k]
+        rows = slice(start, start + lookback)
+        future = slice(start + lookback, start + lookback + horizon)
+        histories.append(pl.DataFrame(part.values[rows], schema=list(("open", "high", "low", "close", "volume",
+                                                                       "amount")), orient="row"))
+        x_times.append(part.times[rows])
+        y_times.append(part.times[future])
+        actual.append(part.values[future, 3])
+        last.append(part.values[start + lookback - 1, 3])
+    forecasts = []
+    for start in range(0, len(picks), batch_size):
+        chunk = slice(start, start + batch_size)
+        forecasts += predictor.forecast_batch(histories[chunk], x_times[chunk], y_times[chunk], horizon,
+                                              sample_count=sample_count, top_p=top_p, seed=seed + start)
+    median = np.stack([f.quantiles[0.5][:, 3] if 0.5 in f.quantiles else np.median(f.paths[:, :, 3], axis=0)
+                       for f in forecasts])
+    actual_arr, last_arr = np.stack(actual), np.asarray(last)[:, None]
+    return GateResult(
+        origins=len(picks),
+        val_loss=val_loss,
+        mae=float(np.abs(median - actual_arr).mean()),
+        mae_random_walk=float(np.abs(last_arr - actual_arr).mean()),
+        direction_accuracy=float((np.sign(median - last_arr) == np.sign(actual_arr - last_arr)).mean()),
+    )
