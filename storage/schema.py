@@ -68,6 +68,45 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             """,
         ],
     ),
+    (
+        2,
+        "forecasts and model events",
+        [
+            # One row per forecast step. Quantiles come from the sample paths; prob_up is the share of paths
+            # whose close at that step is above the origin's close (last_close).
+            """
+            CREATE TABLE forecasts (
+                symbol VARCHAR NOT NULL,
+                interval VARCHAR NOT NULL,
+                origin_time TIMESTAMPTZ NOT NULL,
+                model_version VARCHAR NOT NULL,
+                step INTEGER NOT NULL,
+                target_time TIMESTAMPTZ NOT NULL,
+                issued_at TIMESTAMPTZ NOT NULL,
+                sample_paths INTEGER NOT NULL,
+                last_close DOUBLE NOT NULL,
+                open_mean DOUBLE, open_p10 DOUBLE, open_p50 DOUBLE, open_p90 DOUBLE,
+                high_mean DOUBLE, high_p10 DOUBLE, high_p50 DOUBLE, high_p90 DOUBLE,
+                low_mean DOUBLE, low_p10 DOUBLE, low_p50 DOUBLE, low_p90 DOUBLE,
+                close_mean DOUBLE, close_p10 DOUBLE, close_p50 DOUBLE, close_p90 DOUBLE,
+                volume_mean DOUBLE, volume_p10 DOUBLE, volume_p50 DOUBLE, volume_p90 DOUBLE,
+                amount_mean DOUBLE, amount_p10 DOUBLE, amount_p50 DOUBLE, amount_p90 DOUBLE,
+                prob_up DOUBLE NOT NULL,
+                PRIMARY KEY (symbol, interval, origin_time, model_version, step)
+            )
+            """,
+            """
+            CREATE TABLE model_events (
+                event_time TIMESTAMPTZ NOT NULL,
+                kind VARCHAR NOT NULL,
+                model_version VARCHAR,
+                champion_version VARCHAR,
+                run_id VARCHAR,
+                details JSON
+            )
+            """,
+        ],
+    ),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]
