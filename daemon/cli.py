@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "daemon.commands.simulate",
     "daemon.commands.forecast",
     "daemon.commands.finetune",
+    "daemon.commands.evaluate",
 )
 
 
