@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "daemon.commands.forecast",
     "daemon.commands.finetune",
     "daemon.commands.evaluate",
+    "daemon.commands.ledger",
 )
 
 

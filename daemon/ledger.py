@@ -1,0 +1,208 @@
+"""The forecast ledger: the daemon's stored forecasts scored against the candles that followed them.
+
+Each row of `forecasts` (one per step) is joined with the candle whose `open_time` is the step's
+`target_time`; steps whose candle is not stored yet are pending. Scores are kept per symbol, interval and
+model version, over all time or a rolling window of origins, and always next to the random walk (the last
+close) on exactly the same steps: a model that does not beat "nothing changes" should be visible as such.
+
+The table keeps the p10/p50/p90 quantiles, not the sample paths, so the probabilistic score here is the
+mean pinball loss at those three levels (a coarse stand-in for CRPS) and the 80 % interval coverage.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import duckdb
+import numpy as np
+import polars as pl
+
+from kronos_model.evaluation import metrics
+
+LEDGER_LEVELS = (0.1, 0.5, 0.9)
+_DURATION = re.compile(r"^(\d+)([mhdw])$")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_window(text: str) -> timedelta | None:
+    """'all' -> None; '90m', '24h', '7d', '2w' -> a timedelta."""
+    if text == "all":
+        return None
+    match = _DURATION.match(text.strip().lower())
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"window {text!r} must be 'all' or a positive duration such as 90m, 24h, 7d or 2w")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+@dataclass
+class LedgerScore:
+    symbol: str
+    interval: str
+    model_version: str
+    window: str  # 'all' or the rolling window, e.g. '7d'
+    origins: int  # forecasts with at least one realised step
+    scored_steps: int
+    pending_steps: int  # steps whose candle has not closed (or is not stored) yet
+    first_origin: str | None
+    last_origin: str | None
+    mae: float  # median (p50) close vs the realised close
+    mae_random_walk: float  # last close vs the realised close, same steps
+    relative_mae: float  # < 1 beats the random walk
+    dm_pvalue_mae: float  # Diebold-Mariano (HLN), per-origin mean absolute errors vs the random walk
+    quantile_loss: float  # mean pinball loss at p10/p50/p90
+    quantile_loss_random_walk: float
+    dm_pvalue_quantile_loss: float
+    coverage_80: float  # share of realised closes within [p10, p90]
+    width_80_pct_of_price: float
+    direction_accuracy: float  # p50 vs last close, where both moved
+    direction_ci: tuple[float, float]
+    direction_calls: int
+    brier_prob_up: float  # mean (prob_up - [close > last close])^2; 0.25 is a coin flip
+    mean_prob_up: float
+    realised_up_rate: float
+
+    @property
+    def beats_random_walk(self) -> bool:
+        """Significantly lower MAE than the random walk (DM p < 0.05)."""
+        return self.relative_mae < 1 and self.dm_pvalue_mae < 0.05
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (NaN -> None), e.g. for a model event's details."""
+        values = asdict(self)
+        values["direction_ci"] = [float(v) for v in self.direction_ci]
+        values["beats_random_walk"] = self.beats_random_walk
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+
+
+def _load(con: duckdb.DuckDBPyConnection, symbol: str | None, interval: str | None, model_version: str | None,
+          since: datetime | None) -> pl.DataFrame:
+    conditions, params = ["TRUE"], []
+    for column, value in (("symbol", symbol), ("interval", interval), ("model_version", model_version)):
+        if value is not None:
+            conditions.append(f"f.{column} = ?")
+            params.append(value)
+    if since is not None:
+        conditions.append("f.origin_time >= make_timestamptz(?::BIGINT * 1000)")
+        params.append(int(since.timestamp() * 1000))
+    query = f"""
+        SELECT f.symbol, f.interval, f.model_version, epoch_ms(f.origin_time) AS origin_ms, f.step,
+               f.last_close, f.close_p10, f.close_p50, f.close_p90, f.prob_up, c.close AS actual
+        FROM forecasts f LEFT JOIN candles c
+          ON c.symbol = f.symbol AND c.interval = f.interval AND c.open_time = f.target_time
+        WHERE {" AND ".join(conditions)}
+        ORDER BY f.symbol, f.interval, f.model_version, f.origin_time, f.step
+    """
+    return con.sql(query, params=params).pl()
+
+
+def _iso(ms: int | None) -> str | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _per_origin_mean(origin: np.ndarray, values: np.ndarray) -> np.ndarray:
+    _, inverse = np.unique(origin, return_inverse=True)
+    return np.bincount(inverse, weights=values) / np.bincount(inverse)
+
+
+def _score_group(key: tuple[str, str, str], rows: pl.DataFrame, window: str) -> LedgerScore | None:
+    pending = int(rows["actual"].null_count())
+    realised = rows.filter(pl.col("actual").is_not_null())
+    if realised.is_empty():
+        return None
+    origin = realised["origin_ms"].to_numpy()
+    actual, last = realised["actual"].to_numpy(), realised["last_close"].to_numpy()
+    median = realised["close_p50"].to_numpy()
+    quantiles = {level: realised[f"close_p{round(level * 100):02d}"].to_numpy() for level in LEDGER_LEVELS}
+    absolute, absolute_reference = np.abs(median - actual), np.abs(last - actual)
+    pinball = np.mean([metrics.pinball_loss(quantiles[q], actual, q) for q in LEDGER_LEVELS], axis=0)
+    pinball_reference = np.mean([metrics.pinball_loss(last, actual, q) for q in LEDGER_LEVELS], axis=0)
+    # Forecasts issued every candle overlap by up to horizon - 1 steps: that many DM lags.
+    horizon = int(realised["step"].max())
+    dm_mae = metrics.diebold_mariano(_per_origin_mean(origin, absolute),
+                                     _per_origin_mean(origin, absolute_reference), horizon)
+    dm_pinball = metrics.diebold_mariano(_per_origin_mean(origin, pinball),
+                                         _per_origin_mean(origin, pinball_reference), horizon)
+    called, correct = metrics.direction_hits(median, actual, last)
+    calls = int(called.sum())
+    share = correct.sum() / calls if calls else math.nan
+    # Overlapping forecasts share their outcomes: about one independent call per horizon of calling origins.
+    independent = len(np.unique(origin[called])) / horizon
+    interval_ci = metrics.wilson_interval(share * independent, independent) if calls else (math.nan, math.nan)
+    up = (actual > last).astype(np.float64)
+    probability = realised["prob_up"].to_numpy()
+    mae, mae_reference = float(absolute.mean()), float(absolute_reference.mean())
+    return LedgerScore(
+        symbol=key[0], interval=key[1], model_version=key[2], window=window,
+        origins=len(np.unique(origin)), scored_steps=realised.height, pending_steps=pending,
+        first_origin=_iso(int(origin.min())), last_origin=_iso(int(origin.max())),
+        mae=mae, mae_random_walk=mae_reference,
+        relative_mae=mae / mae_reference if mae_reference > 0 else math.nan,
+        dm_pvalue_mae=dm_mae.pvalue,
+        quantile_loss=float(pinball.mean()), quantile_loss_random_walk=float(pinball_reference.mean()),
+        dm_pvalue_quantile_loss=dm_pinball.pvalue,
+        coverage_80=float(((actual >= quantiles[0.1]) & (actual <= quantiles[0.9])).mean()),
+        width_80_pct_of_price=float(((quantiles[0.9] - quantiles[0.1]) / last).mean() * 100),
+        direction_accuracy=float(share), direction_ci=interval_ci, direction_calls=calls,
+        brier_prob_up=float(((probability - up) ** 2).mean()), mean_prob_up=float(probability.mean()),
+        realised_up_rate=float(up.mean()),
+    )
+
+
+def score_ledger(con: duckdb.DuckDBPyConnection, *, window: timedelta | None = None, now: datetime | None = None,
+                 symbol: str | None = None, interval: str | None = None,
+                 model_version: str | None = None, window_label: str | None = None) -> list[LedgerScore]:
+    """Scores per (symbol, interval, model version) of forecasts whose origin lies within `window` of `now`.
+
+    `window=None` scores everything. `now` defaults to the latest stored candle's open time of the scored
+    pairs (so a replayed or stale store still has a meaningful "last 7 days"); the daemon passes its clock.
+    """
+    since = None
+    if window is not None:
+        if now is None:
+            pairs = [(c, v) for c, v in (("symbol", symbol), ("interval", interval)) if v is not None]
+            where = " AND ".join(f"{c} = ?" for c, _ in pairs) or "TRUE"
+            latest = con.execute(f"SELECT epoch_ms(max(open_time)) FROM candles WHERE {where}",
+                                 [v for _, v in pairs]).fetchall()[0][0]
+            now = datetime.fromtimestamp(latest / 1000, UTC) if latest is not None else datetime.now(UTC)
+        since = now - window
+    rows = _load(con, symbol, interval, model_version, since)
+    label = window_label or ("all" if window is None else _label(window))
+    scores = []
+    for key, group in rows.group_by(["symbol", "interval", "model_version"], maintain_order=True):
+        score = _score_group(tuple(str(k) for k in key), group, label)
+        if score is not None:
+            scores.append(score)
+    return scores
+
+
+def rolling_scores(con: duckdb.DuckDBPyConnection, window: timedelta = timedelta(days=7),
+                   now: datetime | None = None, **filters: str | None) -> list[LedgerScore]:
+    """What the daemon publishes in its events: the last `window` of origins per model version."""
+    return score_ledger(con, window=window, now=now, **filters)
+
+
+def _label(window: timedelta) -> str:
+    seconds = int(window.total_seconds())
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def format_table(scores: list[LedgerScore]) -> str:
+    """A fixed-width table for the terminal."""
+    header = (f"{'symbol':<10} {'int':<4} {'model_version':<24} {'window':<6} {'origins':>7} {'pending':>7} "
+              f"{'MAE':>10} {'MAE/RW':>7} {'DM p':>7} {'QL/RW':>6} {'cov80':>6} {'dir':>6} {'brier':>6}")
+    lines = [header, "-" * len(header)]
+    for s in scores:
+        ql_ratio = s.quantile_loss / s.quantile_loss_random_walk if s.quantile_loss_random_walk > 0 else math.nan
+        lines.append(
+            f"{s.symbol:<10} {s.interval:<4} {s.model_version[:24]:<24} {s.window:<6} {s.origins:>7} "
+            f"{s.pending_steps:>7} {s.mae:>10.4g} {s.relative_mae:>7.3f} {s.dm_pvalue_mae:>7.3f} {ql_ratio:>6.3f} "
+            f"{s.coverage_80:>6.1%} {s.direction_accuracy:>6.1%} {s.brier_prob_up:>6.3f}"
+        )
+    return "\n".join(lines)
