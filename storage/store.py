@@ -316,7 +316,8 @@ class CandleStore:
             int(row[0])
             for row in self.con.execute(
                 "SELECT epoch_ms(open_time) FROM candles WHERE symbol = ? AND interval = ?"
-                " AND open_time >= make_timestamptz(?::BIGINT * 1000) AND open_time < make_timestamptz(?::BIGINT * 1000)"
+                " AND open_time >= make_timestamptz(?::BIGINT * 1000)"
+                " AND open_time < make_timestamptz(?::BIGINT * 1000)"
                 " ORDER BY open_time",
                 [symbol, interval, start_ms, end_ms],
             ).fetchall()

@@ -35,6 +35,17 @@ class _Stop:
     pass
 
 
+def _resolve(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Settle a future unless its awaiter gave up on it (an asyncio task cancelled while awaiting
+    cancels the wrapped future). The work itself is always done: an upsert is never dropped."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class StoreWriter:
     """Owns a CandleStore in a dedicated thread. Use as a context manager or call start()/close()."""
 
@@ -124,8 +135,8 @@ class StoreWriter:
                 if item[0] == "upsert":
                     pending = self._gather_upserts(item)
                 self._execute(store, pending)
-                self._publish(store, force=False)
-            self._publish(store, force=False, final=True)
+                self._publish_quietly(store, final=False)
+            self._publish_quietly(store, final=True)
         finally:
             store.close()
 
@@ -150,17 +161,17 @@ class StoreWriter:
         if kind == "call":
             _, func, future = pending[0]
             try:
-                future.set_result(func(store))
-            except BaseException as exc:
-                future.set_exception(exc)
+                _resolve(future, func(store))
+            except Exception as exc:
+                _resolve(future, error=exc)
             return
         frames = [frame for _, frame, _ in pending]
         try:
             result = store.upsert(pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0])
-        except BaseException as exc:
+        except Exception as exc:
             log.error("upsert_failed", error=str(exc), batches=len(frames))
             for _, _, future in pending:
-                future.set_exception(exc)
+                _resolve(future, error=exc)
             return
         if result.rows_changed:
             self._dirty_since_publish = True
@@ -168,7 +179,14 @@ class StoreWriter:
         # first), so callers that add up their results get the true total.
         for position, (_, frame, future) in enumerate(pending):
             changed = result.rows_changed if position == 0 else 0
-            future.set_result(UpsertResult(result.batch_id, frame.height, changed))
+            _resolve(future, UpsertResult(result.batch_id, frame.height, changed))
+
+    def _publish_quietly(self, store: CandleStore, *, final: bool) -> None:
+        # A failed publish (disk full, …) must not stop ingestion; users keep the previous snapshot.
+        try:
+            self._publish(store, force=False, final=final)
+        except Exception as exc:
+            log.error("snapshot_publish_failed", path=str(self.snapshot_path), error=str(exc))
 
     def _publish(self, store: CandleStore, *, force: bool, final: bool = False) -> Path | None:
         if self.snapshot_path is None:

@@ -67,6 +67,7 @@ def test_backfill_twice_changes_nothing_the_second_time(tmp_path, simulator):
     assert (tmp_path / "state" / "kronos.live.duckdb").exists()
 
 
+@pytest.mark.slow
 def test_backfill_through_the_archive_gives_the_same_store_as_rest(tmp_path, simulator):
     results = {}
     for source in ("rest", "archive"):
@@ -162,6 +163,7 @@ def test_a_ban_stops_the_backfill_and_says_until_when(tmp_path, simulator):
     assert again.returncode == 3
 
 
+@pytest.mark.slow
 def test_import_stats_export_round_trip_on_the_bundled_data(tmp_path):
     db = tmp_path / "kronos.duckdb"
     imported = kronosd(

@@ -107,7 +107,7 @@ def test_unknown_symbol_or_interval_is_refused_before_any_download(tmp_path):
         async with running_simulator(NOW) as sim:
             with StoreWriter(tmp_path / "live.duckdb") as writer:
                 async with BinanceRestClient(fast_settings(sim.rest_url)) as rest:
-                    with pytest.raises(ExchangeConfigError, match="unknown symbol 'BTCUSDX'.*similar: BTCUSDT"):
+                    with pytest.raises(ExchangeConfigError, match=r"unknown symbol 'BTCUSDX'.*similar: BTCUSDT"):
                         await backfill(writer, rest, "BTCUSDX", "1h", MARCH_2024)
                     with pytest.raises(ValueError, match="unknown interval '7m'"):
                         await backfill(writer, rest, "BTCUSDT", "7m", MARCH_2024)
@@ -172,7 +172,7 @@ def test_ignoring_retry_after_gets_banned_and_a_418_stops_with_the_time_it_ends(
             ban_file = tmp_path / "ban.json"
             with StoreWriter(tmp_path / "live.duckdb") as writer:
                 async with BinanceRestClient(fast_settings(sim.rest_url, ban_file=ban_file)) as rest:
-                    with pytest.raises(IpBannedError, match="banned this IP .* until") as caught:
+                    with pytest.raises(IpBannedError, match=r"banned this IP .* until") as caught:
                         await backfill(writer, rest, "BTCUSDT", "1h", MARCH_2024, source="rest")
                     assert 250 < caught.value.until_s - time.time() <= 301
                     requests = sim.stats.requests["/api/v3/klines"]

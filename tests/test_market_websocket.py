@@ -94,7 +94,7 @@ def test_stream_urls_use_raw_for_one_stream_and_combined_for_many():
         stream_url("wss://x:9443/", ["btcusdt@kline_1h", "ethusdt@kline_1m"])
         == "wss://x:9443/stream?streams=btcusdt@kline_1h/ethusdt@kline_1m"
     )
-    with pytest.raises(ValueError, match="1..1024 streams"):
+    with pytest.raises(ValueError, match=r"1\.\.1024 streams"):
         KlineConnection([("BTCUSDT", "1h")] * 1025, StreamSettings(), None, None)  # type: ignore[arg-type]
 
 

@@ -106,9 +106,11 @@ def test_a_truncated_wal_is_detected_logged_kept_and_refetched(tmp_path, capsys)
         end = MARCH_2024 + len(acknowledged) * 24 * HOUR
 
         async def refetch():
-            async with running_simulator(end + 30 * 60_000) as sim:
-                async with BinanceRestClient(RestSettings(base_url=sim.rest_url)) as rest:
-                    return await backfill(writer, rest, "BTCUSDT", "1h", MARCH_2024, end, source="rest")
+            async with (
+                running_simulator(end + 30 * 60_000) as sim,
+                BinanceRestClient(RestSettings(base_url=sim.rest_url)) as rest,
+            ):
+                return await backfill(writer, rest, "BTCUSDT", "1h", MARCH_2024, end, source="rest")
 
         report = asyncio.run(refetch())
         assert report.rows_changed > 0
