@@ -96,7 +96,11 @@ def _load(con: duckdb.DuckDBPyConnection, symbol: str | None, interval: str | No
         WHERE {" AND ".join(conditions)}
         ORDER BY f.symbol, f.interval, f.model_version, f.origin_time, f.step
     """
-    return con.sql(query, params=params).pl()
+    try:
+        return con.sql(query, params=params).pl()
+    except duckdb.CatalogException as exc:
+        raise ValueError(f"this database has no forecasts to score ({str(exc).splitlines()[0]}); it was written by "
+                         "a kronosd without forecasts (schema < 2): run the daemon with this version first") from exc
 
 
 def _iso(ms: int | None) -> str | None:

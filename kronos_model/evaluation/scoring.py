@@ -169,8 +169,9 @@ def score_model(walk: WalkForward, name: str, fee: float) -> dict[str, Any]:
         **{f"coverage_{round(n * 100)}": float(coverage[n].mean()) for n in metrics.NOMINAL_COVERAGES},
         **{f"width_{round(n * 100)}": float(width[n].mean()) for n in metrics.NOMINAL_COVERAGES},
         "width_90_pct_of_price": float((width[0.9] / last[:, None]).mean() * 100),
-        "pit_histogram": metrics.pit_histogram(pit),
-        "pit_ks": metrics.pit_ks_statistic(pit),
+        # A point forecast has no distribution to calibrate: its PIT would only say on which side y fell.
+        "pit_histogram": metrics.pit_histogram(pit) if samples.shape[-1] > 1 else None,
+        "pit_ks": metrics.pit_ks_statistic(pit) if samples.shape[-1] > 1 else math.nan,
         "ic": ic[-1],
         "rank_ic": rank_ic[-1],
         "dm_pvalue_vs_random_walk": None if is_reference else dm_abs.pvalue,

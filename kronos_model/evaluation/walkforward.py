@@ -146,16 +146,17 @@ def plan_origins(series: Series, context: int, settings: Settings, excluded: lis
     recent = candidates[_strided_from_latest(series.times[candidates], settings.origins, spacing)]
     excluded_recent = int(inside_excluded(recent).sum())
     notes = []
-    if excluded_recent:
-        periods = "; ".join(f"{format_time(p.start)} to {format_time(p.end)} ({p.reason})" for p in excluded)
-        notes.append(f"{excluded_recent} of the {len(recent)} most recent origins fall inside a checkpoint's "
-                     f"{periods} and were excluded (the period applies to every symbol: correlated markets "
-                     "share their moves); older origins were used instead")
     eligible = candidates[~inside_excluded(candidates)]
     if not len(eligible):
         raise ValueError(f"{series.symbol}: every possible origin falls inside a checkpoint's training/validation "
                          "period; evaluate on data from outside it (other dates) or a checkpoint trained on less")
     positions = eligible[_strided_from_latest(series.times[eligible], settings.origins, spacing)]
+    if excluded_recent:
+        periods = "; ".join(f"{format_time(p.start)} to {format_time(p.end)} ({p.reason})" for p in excluded)
+        replaced = min(excluded_recent, max(0, len(positions) - (len(recent) - excluded_recent)))
+        notes.append(f"{excluded_recent} of the {len(recent)} most recent origins fall inside a checkpoint's "
+                     f"{periods} and were excluded (the period applies to every symbol: correlated markets "
+                     f"share their moves); {replaced} older origins took their place")
     if len(positions) < settings.origins:
         notes.append(f"only {len(positions)} origins are available (asked for {settings.origins})")
     if len(positions) < FEW_ORIGINS:
