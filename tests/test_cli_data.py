@@ -29,7 +29,7 @@ def kronosd(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPr
 @pytest.fixture
 def simulator(tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "simulate", "--start", "2024-06-01T00:30", "--speed", "0"],
+        [sys.executable, "-m", "daemon.cli", "simulate", "--start", "2025-03-01T00:30", "--speed", "0"],
         cwd=tmp_path,
         env=ENV,
         stdout=subprocess.PIPE,
@@ -57,7 +57,7 @@ def test_backfill_twice_changes_nothing_the_second_time(tmp_path, simulator):
     db = tmp_path / "state" / "kronos.duckdb"
     common = ["--symbol", "BTCUSDT", "--interval", "1h", "--db", str(db), "--rest-url", simulator["rest_url"]]
     first = json.loads(kronosd("backfill", "--start", "2024-01-01", "--json", *common, cwd=tmp_path).stdout)
-    assert first["rows_changed"] == first["rows_received"] == (152 * 24)  # Jan 1 → Jun 1 2024
+    assert first["rows_changed"] == first["rows_received"] == 425 * 24  # 2024-01-01 → 2025-03-01
     assert first["peak_weight_share"] <= 0.5
     everything = "SELECT * FROM candles ORDER BY open_time"
     before = table(db, everything)
@@ -270,3 +270,22 @@ def test_stats_without_a_database_says_what_to_do(tmp_path):
     )
     assert result.returncode == 2
     assert "run `kronosd backfill` or `kronosd import` first" in result.stderr
+
+
+def test_import_reads_binance_archive_zips_and_gzipped_csv(tmp_path, simulator):
+    import gzip
+    import urllib.request
+
+    # A real archive-layout zip (headerless, microsecond times in 2025) as the simulator serves it.
+    zip_path = tmp_path / "BTCUSDT-1h-2025-01.zip"
+    url = f"{simulator['archive_url']}/data/spot/monthly/klines/BTCUSDT/1h/{zip_path.name}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        zip_path.write_bytes(response.read())
+    gz_path = tmp_path / "ETHUSDT_1h.csv.gz"
+    csv_text = "open_time,open,high,low,close,volume\n1709251200000,3340.1,3350,3330,3345,10\n"
+    gz_path.write_bytes(gzip.compress(csv_text.encode()))
+    db = tmp_path / "kronos.duckdb"
+    result = kronosd("import", str(zip_path), str(gz_path), "--db", str(db), cwd=tmp_path)
+    assert "microsecond times" in result.stdout
+    rows = table(db, "SELECT symbol, count(*), min(epoch_ms(open_time)) FROM candles GROUP BY 1 ORDER BY 1")
+    assert rows == [("BTCUSDT", 744, 1735689600000), ("ETHUSDT", 1, 1709251200000)]

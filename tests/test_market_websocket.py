@@ -9,7 +9,7 @@ import pytest
 from market_helpers import HOUR, MARCH_2024, assert_store_matches_truth, running_simulator, truth
 
 from daemon.market.live import LiveIngestor
-from daemon.market.rest import BinanceRestClient, RestSettings
+from daemon.market.rest import BinanceRestClient, ExchangeConfigError, RestSettings
 from daemon.market.websocket import KlineConnection, StreamSettings, stream_url
 from storage.writer import StoreWriter
 
@@ -127,3 +127,17 @@ def test_a_raw_stream_delivers_interim_updates_then_the_closed_candle(tmp_path):
     assert closed and any(not r["is_closed"] and r["open_time"] == closed[0]["open_time"] for r in rows)
     expected = truth("BTCUSDT", "1h", closed[0]["open_time"], closed[0]["close_time"] + 1).row(0, named=True)
     assert closed[0]["close"] == expected["close"] and closed[0]["volume"] == expected["volume"]
+
+
+def test_a_refused_rest_host_stops_live_ingestion_with_the_reason(tmp_path):
+    async def scenario():
+        async with running_simulator(START, speed=3600) as sim:
+            sim.faults.add("rest", "451")
+            with StoreWriter(tmp_path / "live.duckdb") as writer:
+                async with BinanceRestClient(RestSettings(base_url=sim.rest_url)) as rest:
+                    settings = StreamSettings(base_url=sim.ws_url, watchdog_s=5, backoff_base_s=0.05)
+                    live = LiveIngestor(writer, rest, PAIRS[:1], settings, initial_start_ms=lambda: HISTORY_FROM)
+                    with pytest.raises(ExchangeConfigError, match="restricted location"):
+                        await asyncio.wait_for(live.run(), timeout=30)
+
+    asyncio.run(scenario())

@@ -9,11 +9,18 @@ import sys
 
 from tqdm import tqdm
 
-from daemon.commands.market_common import add_common_options, add_pair_options, open_writer, resolve
+from daemon.commands.market_common import (
+    add_common_options,
+    add_pair_options,
+    open_writer,
+    resolve,
+    rest_settings,
+)
 from daemon.market.archive import ArchiveClient
 from daemon.market.backfill import SOURCES, backfill
 from daemon.market.rest import BinanceRestClient, IpBannedError, RequestFailedError, RestSettings
 from storage.intervals import parse_time
+from storage.writer import StoreWriter
 
 EXIT_BANNED = 3
 EXIT_UNREACHABLE = 4
@@ -51,19 +58,13 @@ def run(args: argparse.Namespace) -> int:
     end_ms = parse_time(args.end) if args.end else None
     if end_ms is not None and start_ms is not None and end_ms <= start_ms:
         raise ValueError("--end must be after --start")
-    settings = RestSettings(
-        base_url=args.rest_url or exchange.rest_url,
-        weight_share=exchange.weight_share,
-        timeout_s=exchange.request_timeout_s,
-        max_retries=exchange.max_retries,
-        backoff_base_s=exchange.backoff_base_s,
-        backoff_max_s=exchange.backoff_max_s,
-        ban_file=snapshot.parent / "binance-ban.json",
-    )
+    settings = rest_settings(config, snapshot, args.rest_url)
     archive_url = args.archive_url or exchange.archive_url
     try:
         with open_writer(config, snapshot, live) as writer:
-            report = asyncio.run(_run(writer, settings, archive_url, args, start_ms, end_ms))
+            report = asyncio.run(
+                _run(writer, settings, archive_url, args, start_ms, end_ms, exchange.archive_min_candles)
+            )
     except IpBannedError as exc:
         print(f"kronosd backfill: {exc}", file=sys.stderr)
         return EXIT_BANNED
@@ -78,7 +79,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(
-    writer, settings: RestSettings, archive_url: str, args, start_ms: int | None, end_ms: int | None
+    writer: StoreWriter,
+    settings: RestSettings,
+    archive_url: str,
+    args: argparse.Namespace,
+    start_ms: int | None,
+    end_ms: int | None,
+    archive_min_candles: int,
 ) -> dict:
     bar = tqdm(total=0, unit="candle", desc=f"{args.symbol} {args.interval}", disable=None, file=sys.stderr)
 
@@ -102,6 +109,7 @@ async def _run(
                 source=args.source,
                 on_rows=bar.update,
                 on_plan=planned,
+                archive_min_candles=archive_min_candles,
             )
         finally:
             bar.close()

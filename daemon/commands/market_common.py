@@ -11,6 +11,8 @@ import duckdb
 import structlog
 
 from daemon.config import KronosConfig, live_path_for, load_config
+from daemon.market.rest import RestSettings
+from daemon.market.websocket import StreamSettings
 from storage.writer import StoreWriter
 
 BUNDLED_DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "data"
@@ -75,3 +77,27 @@ def open_snapshot(snapshot: Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(str(snapshot), read_only=True)
     con.execute("SET TimeZone = 'UTC'")
     return con
+
+
+def rest_settings(config: KronosConfig, snapshot: Path, rest_url: str | None = None) -> RestSettings:
+    """REST client settings from `exchange.*`; a 418 ban is remembered next to the database."""
+    exchange = config.exchange
+    return RestSettings(
+        base_url=rest_url or exchange.rest_url,
+        weight_share=exchange.weight_share,
+        timeout_s=exchange.request_timeout_s,
+        max_retries=exchange.max_retries,
+        backoff_base_s=exchange.backoff_base_s,
+        backoff_max_s=exchange.backoff_max_s,
+        ban_file=snapshot.parent / "binance-ban.json",
+    )
+
+
+def stream_settings(config: KronosConfig, ws_url: str | None = None) -> StreamSettings:
+    exchange = config.exchange
+    return StreamSettings(
+        base_url=ws_url or exchange.ws_url,
+        watchdog_s=exchange.watchdog_s,
+        max_connection_age_s=exchange.max_connection_age_s,
+        backoff_max_s=exchange.backoff_max_s,
+    )

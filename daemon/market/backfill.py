@@ -87,6 +87,7 @@ async def backfill(
     archive: ArchiveClient | None = None,
     source: str = "auto",
     settle_ms: int | None = None,
+    archive_min_candles: int = ARCHIVE_MIN_CANDLES,
     on_rows: Callable[[int], None] | None = None,
     on_plan: Callable[[int], None] | None = None,
 ) -> BackfillReport:
@@ -112,7 +113,7 @@ async def backfill(
 
     for hole_start, hole_end in report.holes:
         use_archive = archive is not None and (
-            source == "archive" or (source == "auto" and (hole_end - hole_start) // step >= ARCHIVE_MIN_CANDLES)
+            source == "archive" or (source == "auto" and (hole_end - hole_start) // step >= archive_min_candles)
         )
         if use_archive:
             assert archive is not None

@@ -50,16 +50,20 @@ class LiveIngestor:
         self.resyncs = 0
         self.drained = 0  # stream candles held during a backfill and stored after it
         self._resync_tasks: dict[Pair, asyncio.Task] = {}
+        self._fatal: BaseException | None = None
         self.connections = [
             KlineConnection(group, settings, self._on_row, self._on_connect) for group in split_pairs(self.pairs)
         ]
 
     async def run(self) -> None:
+        """Run until stop(); re-raises what made ingestion impossible (a ban, a refused host)."""
         try:
             await asyncio.gather(*(connection.run() for connection in self.connections))
         finally:
             for task in self._resync_tasks.values():
                 task.cancel()
+        if self._fatal is not None:
+            raise self._fatal
 
     async def stop(self) -> None:
         for connection in self.connections:
@@ -113,8 +117,13 @@ class LiveIngestor:
                 start = last + interval_ms(interval) if last is not None else self.initial_start_ms()
                 report = await backfill(self.writer, self.rest, symbol, interval, start, source="rest")
                 break
-            except IpBannedError:
-                raise
+            except (IpBannedError, ValueError) as exc:
+                # Retrying cannot help (banned, restricted location, unknown symbol): stop everything
+                # and let the owner report it.
+                log.error("live_ingestion_stopped", pair=pair, error=str(exc))
+                self._fatal = exc
+                await self.stop()
+                return
             except (OSError, RuntimeError, TimeoutError) as exc:
                 attempt += 1
                 delay = min(60.0, self.resync_retry_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
@@ -126,7 +135,8 @@ class LiveIngestor:
         buffered = self.buffers[pair] or []
         self.buffers[pair] = None
         newest_buffered = max((row["open_time"] for row in buffered), default=None)
-        self.last_closed[pair] = max(t for t in (last, newest_buffered, -1) if t is not None)
+        known = [t for t in (last, newest_buffered) if t is not None]
+        self.last_closed[pair] = max(known) if known else None
         self.drained += len(buffered)
         log.info("resynced", pair=pair, backfilled=report.rows_received, drained=len(buffered))
         await self._store(buffered, pair)
