@@ -17,6 +17,8 @@ COMMAND_MODULES = (
     "daemon.commands.finetune",
     "daemon.commands.evaluate",
     "daemon.commands.ledger",
+    "daemon.commands.run",
+    "daemon.commands.demo",
 )
 
 

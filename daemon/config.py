@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from storage.intervals import interval_ms
 
 DEFAULT_CONFIG_PATH = Path("config.yaml")
 
@@ -52,11 +54,111 @@ def live_path_for(snapshot_path: Path) -> Path:
     return snapshot_path.with_name(f"{snapshot_path.stem}.live{snapshot_path.suffix or '.duckdb'}")
 
 
+class MarketsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    symbols: list[str] = Field(default_factory=lambda: ["BTCUSDT"], min_length=1)
+    intervals: list[str] = Field(default_factory=lambda: ["1h"], min_length=1)
+    history_days: float = Field(60, gt=0, description="history backfilled when a pair has no stored candle")
+
+    @field_validator("symbols")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [symbol.upper() for symbol in value]
+
+    @field_validator("intervals")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        for interval in value:
+            interval_ms(interval)  # raises a clear error for an unknown interval
+        return value
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(symbol, interval) for symbol in self.symbols for interval in self.intervals]
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    predictor: str = Field("NeoQuasar/Kronos-small", description="hub id, checkpoint dir, or 'scratch'")
+    tokenizer: str = "NeoQuasar/Kronos-Tokenizer-base"
+    revision: str | None = None
+    max_context: int = Field(512, ge=1)
+    device: str = "auto"
+    threads: int = Field(1, ge=1, description="torch threads for forecasting")
+    keep_versions: int = Field(5, ge=2, description="model versions kept besides current and previous")
+
+
+class ForecastConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lookback: int = Field(400, ge=2)
+    horizon: int = Field(24, ge=1)
+    sample_paths: int = Field(30, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    quantiles: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _standard_quantiles(self) -> ForecastConfig:
+        if not {0.1, 0.5, 0.9} <= set(self.quantiles):
+            raise ValueError("quantiles must include 0.1, 0.5 and 0.9 (the forecasts table stores them)")
+        return self
+
+
+class FinetuneScheduleConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    every_candles: int | None = Field(500, ge=1, description="start a run after this many new closed candles")
+    every_hours: float | None = Field(None, gt=0, description="and/or after this much wall time")
+    window_candles: int = Field(8760, ge=10, description="rolling training window per pair")
+    holdout_candles: int = Field(200, ge=2, description="most recent candles kept out of training for the gate")
+    pairs: list[str] | None = Field(None, description="SYMBOL/interval pairs to train on (default: all)")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="fine-tuning config keys")
+    timeout_minutes: float = Field(180, gt=0)
+    nice: int = Field(10, ge=0, le=19)
+
+
+class GateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    margin: float = Field(0.0, ge=0, lt=1, description="the challenger's MAE must be below (1 - margin) x champion's")
+    origins: int = Field(16, ge=1)
+    sample_paths: int = Field(8, ge=1)
+    seed: int = 1234
+
+
+class MqttConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    prefix: str = "kronos"
+    client_id: str | None = None
+    keepalive_s: int = Field(60, ge=5)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+
 class KronosConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     exchange: ExchangeConfig = ExchangeConfig()
     storage: StorageConfig = StorageConfig()
+    markets: MarketsConfig = MarketsConfig()
+    model: ModelConfig = ModelConfig()
+    forecast: ForecastConfig = ForecastConfig()
+    finetune: FinetuneScheduleConfig = FinetuneScheduleConfig()
+    gate: GateConfig = GateConfig()
+    mqtt: MqttConfig = MqttConfig()
 
 
 def load_config(path: str | Path | None = None) -> KronosConfig:

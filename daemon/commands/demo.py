@@ -1,0 +1,108 @@
+"""`kronosd demo`: the whole service, offline, on real data, in a few minutes.
+
+The exchange simulator serves the bundled real BTCUSDT 1h candles on 127.0.0.1 with an accelerated
+clock (default: two market hours per second, from 2025-10-01); the daemon runs against it with a fresh
+state directory in WORKDIR (its DuckDB snapshot is WORKDIR/kronos.duckdb), a from-scratch tiny model (the
+hub is unreachable offline; `--base-model` starts from real weights instead), continual fine-tuning every
+few hundred candles, and MQTT on 127.0.0.1:1883 when a broker answers. It stops by itself and prints, as
+its last stdout line, a JSON summary. Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from storage.intervals import parse_time
+
+DEMO_START = "2025-10-01"
+
+
+def demo_config(workdir: Path, urls: dict[str, str], base_model: str | None, tokenizer: str | None,
+                mqtt_port: int, every_candles: int):
+    from daemon.config import KronosConfig
+
+    return KronosConfig.model_validate({
+        "exchange": {"rest_url": urls["rest_url"], "ws_url": urls["ws_url"], "archive_url": urls["archive_url"],
+                     "backoff_base_s": 0.2, "backoff_max_s": 2.0, "watchdog_s": 10.0},
+        "storage": {"state_dir": str(workdir), "snapshot_interval_s": 5.0},
+        "markets": {"symbols": ["BTCUSDT"], "intervals": ["1h"], "history_days": 90},
+        "model": {"predictor": base_model or "scratch", "tokenizer": tokenizer or "scratch", "device": "cpu",
+                  "max_context": 512},
+        "forecast": {"lookback": 96, "horizon": 12, "sample_paths": 16},
+        "finetune": {"every_candles": every_candles, "window_candles": 1800, "holdout_candles": 150,
+                     "overrides": {"tokenizer_epochs": 1, "predictor_epochs": 2, "batch_size": 32,
+                                   "max_train_windows": 768, "max_val_windows": 256, "patience": 2,
+                                   "tokenizer_learning_rate": 0.001, "learning_rate": 0.002,
+                                   "train_ratio": 0.85, "val_ratio": 0.15, "log_interval": 8}},
+        "gate": {"origins": 24, "sample_paths": 8, "margin": 0.0},
+        "mqtt": {"host": "127.0.0.1", "port": mqtt_port, "prefix": "kronos"},
+    })
+
+
+def clean_workdir(workdir: Path) -> None:
+    """A fresh state directory: remove what an earlier demo left (only the files the daemon writes)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in ("kronos.duckdb", "kronos.live.duckdb", "kronos.live.duckdb.wal", "kronos.live.duckdb.journal",
+                 "binance-ban.json"):
+        (workdir / name).unlink(missing_ok=True)
+    for name in ("models", "finetune"):
+        shutil.rmtree(workdir / name, ignore_errors=True)
+
+
+async def run_demo(args: argparse.Namespace) -> dict:
+    from daemon.commands.market_common import BUNDLED_DATA_DIR
+    from daemon.market.sim_data import CandleBook, SimClock
+    from daemon.market.simulator import ExchangeSimulator
+    from daemon.service import Daemon
+
+    book = CandleBook()
+    book.add_file(BUNDLED_DATA_DIR / "BTCUSDT_1h.parquet")
+    simulator = await ExchangeSimulator(book, SimClock(parse_time(args.start), args.speed)).start()
+    try:
+        workdir = Path(args.workdir)
+        clean_workdir(workdir)
+        config = demo_config(workdir, simulator.urls(), args.base_model, args.tokenizer, args.mqtt_port,
+                             args.finetune_every)
+        if args.no_mqtt:
+            config.mqtt.enabled = False
+        daemon = Daemon(config)
+        task = asyncio.create_task(daemon.run())
+        done, _ = await asyncio.wait([task], timeout=args.minutes * 60)
+        if not done:
+            daemon._stop.set()
+        summary = await task
+        summary["database"] = str(config.storage.snapshot_path)
+        return summary
+    finally:
+        await simulator.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    from daemon.logs import configure_service_logging
+
+    configure_service_logging("info", stream=sys.stderr)
+    summary = asyncio.run(run_demo(args))
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="run the daemon offline against the exchange simulator on bundled real BTC data",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--minutes", type=float, default=3.0, help="how long to run (wall time)")
+    parser.add_argument("--workdir", default="demo-run", help="state directory (cleaned first)")
+    parser.add_argument("--speed", type=float, default=7200.0, help="market seconds per real second")
+    parser.add_argument("--start", default=DEMO_START, help="market time when the demo starts")
+    parser.add_argument("--finetune-every", type=int, default=150, help="closed candles between fine-tunes")
+    parser.add_argument("--base-model", help="start from these weights (hub id or dir) instead of scratch")
+    parser.add_argument("--tokenizer", help="tokenizer for --base-model")
+    parser.add_argument("--mqtt-port", type=int, default=1883)
+    parser.add_argument("--no-mqtt", action="store_true")
+    parser.set_defaults(handler=run)

@@ -1,0 +1,162 @@
+"""A forecast for every closed candle: read the look-back from the store, sample paths off the event loop,
+persist to `forecasts`, publish over MQTT.
+
+The champion (version + predictor) is one attribute read once per forecast, so a hot-swap never changes
+the model under a running forecast: in-flight forecasts finish on the old model. Forecasts run one at a
+time in a worker thread (torch releases the GIL; a single thread keeps the CPU free for ingest and for a
+fine-tune); when candles arrive faster than forecasts, only the newest closed candle of a pair is
+forecast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+import structlog
+import torch
+
+from daemon.config import ForecastConfig, ModelConfig
+from daemon.mqtt import Publisher
+from kronos_model import Forecast, Kronos, KronosPredictor, KronosTokenizer
+from storage.forecasts import FORECAST_COLUMNS, insert_forecasts
+from storage.intervals import interval_ms
+from storage.writer import StoreWriter
+
+log = structlog.get_logger("daemon.forecaster")
+Pair = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: str
+    predictor: KronosPredictor
+
+
+def build_predictor(tokenizer: KronosTokenizer, model: Kronos, config: ModelConfig) -> KronosPredictor:
+    device = None if config.device == "auto" else config.device
+    return KronosPredictor(model, tokenizer, device=device, max_context=config.max_context)
+
+
+def forecast_window(champion: Champion, candles: pl.DataFrame, step_ms: int, config: ForecastConfig,
+                    seed: int) -> Forecast:
+    """Forecast the `config.horizon` candles after `candles` (the look-back, oldest first)."""
+    times = pl.from_epoch(candles["open_time"], time_unit="ms")
+    last = int(candles["open_time"][-1])
+    future = pl.from_epoch(pl.Series([last + step_ms * k for k in range(1, config.horizon + 1)]), time_unit="ms")
+    frame = candles.select("open", "high", "low", "close", "volume",
+                           pl.col("quote_volume").alias("amount"))
+    if frame["amount"].null_count():
+        # the original's fallback for missing quote volume
+        frame = frame.with_columns(pl.col("amount").fill_null(
+            pl.col("volume") * (pl.col("open") + pl.col("high") + pl.col("low") + pl.col("close")) / 4))
+    return champion.predictor.forecast(frame, times, future, config.horizon, T=config.temperature,
+                                       top_k=config.top_k, top_p=config.top_p, sample_count=config.sample_paths,
+                                       seed=seed, quantiles=config.quantiles)
+
+
+def forecast_rows(result: Forecast, symbol: str, interval: str, origin_ms: int, version: str,
+                  issued_ms: int) -> pl.DataFrame:
+    steps = len(result.timestamps)
+    data: dict[str, Any] = {
+        "symbol": [symbol] * steps, "interval": [interval] * steps, "origin_time": [origin_ms] * steps,
+        "model_version": [version] * steps, "step": list(range(1, steps + 1)),
+        "target_time": (result.timestamps.asi8 // 1_000_000).tolist(), "issued_at": [issued_ms] * steps,
+        "sample_paths": [len(result.paths)] * steps, "last_close": [result.last_close] * steps,
+    }
+    for j, column in enumerate(FORECAST_COLUMNS):
+        data[f"{column}_mean"] = result.mean[:, j]
+        for q, name in ((0.1, "p10"), (0.5, "p50"), (0.9, "p90")):
+            data[f"{column}_{name}"] = result.quantiles[q][:, j]
+    data["prob_up"] = result.prob_up
+    return pl.DataFrame(data)
+
+
+def forecast_payload(result: Forecast, symbol: str, interval: str, origin_ms: int, version: str,
+                     issued_ms: int) -> dict[str, Any]:
+    """The MQTT payload (documented in the README)."""
+    def iso(ms: int) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+    columns = list(FORECAST_COLUMNS)
+    return {
+        "symbol": symbol, "interval": interval, "issued_at": iso(issued_ms), "origin_time": iso(origin_ms),
+        "model_version": version, "last_close": result.last_close, "sample_paths": len(result.paths),
+        "timestamps": [iso(int(t) // 1_000_000) for t in result.timestamps.asi8],
+        "mean": {c: np.round(result.mean[:, j], 8).tolist() for j, c in enumerate(columns)},
+        **{name: {c: np.round(result.quantiles[q][:, j], 8).tolist() for j, c in enumerate(columns)}
+           for q, name in ((0.1, "p10"), (0.5, "p50"), (0.9, "p90"))},
+        "prob_up": np.round(result.prob_up, 4).tolist(),
+    }
+
+
+class ForecastService:
+    def __init__(self, writer: StoreWriter, forecast: ForecastConfig, model: ModelConfig,
+                 publisher: Publisher | None):
+        self.writer, self.forecast_config, self.model_config = writer, forecast, model
+        self.publisher = publisher
+        self.champion: Champion | None = None
+        self._pending: dict[Pair, tuple[int, float]] = {}
+        self._wake = asyncio.Event()
+        self.published = 0
+        self.latencies_ms: list[float] = []
+        torch.set_num_threads(model.threads)
+
+    def set_champion(self, version: str, tokenizer: KronosTokenizer, model: Kronos) -> None:
+        self.champion = Champion(version, build_predictor(tokenizer, model, self.model_config))
+
+    def on_candle(self, pair: Pair, open_time_ms: int) -> None:
+        """Called when closed candles of `pair` were stored; the newest one is forecast."""
+        current = self._pending.get(pair)
+        if current is None or open_time_ms > current[0]:
+            self._pending[pair] = (open_time_ms, time.monotonic())
+            self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                pair = next(iter(self._pending))
+                origin, noticed = self._pending.pop(pair)
+                try:
+                    await self.forecast_pair(pair, origin, noticed)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("forecast_failed", symbol=pair[0], interval=pair[1], origin=origin)
+
+    async def forecast_pair(self, pair: Pair, origin_ms: int, noticed: float | None = None) -> bool:
+        symbol, interval = pair
+        champion = self.champion  # read once: a swap during this forecast does not affect it
+        if champion is None:
+            return False
+        config, step = self.forecast_config, interval_ms(interval)
+        # twice the look-back in time, so a few missing candles still leave a full window
+        start = origin_ms - 2 * config.lookback * step
+        candles = await self.writer.run(lambda store: store.read_candles(symbol, interval, start, origin_ms + step))
+        candles = candles.tail(config.lookback)
+        if candles.height < config.lookback:
+            log.info("forecast_skipped", symbol=symbol, interval=interval, reason="not enough history",
+                     have=candles.height, need=config.lookback)
+            return False
+        seed = config.seed + origin_ms // step  # reproducible per origin
+        result = await asyncio.to_thread(forecast_window, champion, candles, step, config, seed)
+        issued = int(time.time() * 1000)
+        rows = forecast_rows(result, symbol, interval, origin_ms, champion.version, issued)
+        await self.writer.run(lambda store: insert_forecasts(store.con, rows))
+        if self.publisher is not None:
+            self.publisher.publish_forecast(symbol, interval, forecast_payload(result, symbol, interval, origin_ms,
+                                                                              champion.version, issued))
+        self.published += 1
+        latency = (time.monotonic() - noticed) * 1000 if noticed else None
+        if latency is not None:
+            self.latencies_ms.append(latency)
+        log.info("forecast_published", symbol=symbol, interval=interval, origin=origin_ms,
+                 model_version=champion.version, latency_ms=None if latency is None else round(latency, 1),
+                 p50_close_next=round(float(result.quantiles[0.5][0, 3]), 2), prob_up_next=float(result.prob_up[0]))
+        return True

@@ -1,0 +1,306 @@
+"""`kronosd run`: one asyncio process wiring the store, live ingest, forecasting, MQTT and continual
+fine-tuning. `storage` and `kronos_model` know nothing about it.
+
+Signals: SIGHUP reloads config.yaml (an invalid file keeps the running config) and re-resolves the
+`current` model; SIGTERM/SIGINT stop within 10 s: stop the trainer, stop ingest, flush the writer (and
+publish the final snapshot), publish `offline`. systemd hears READY, RELOADING (+ MONOTONIC_USEC), STOPPING
+and, while healthy, WATCHDOG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+
+from daemon.config import KronosConfig, load_config
+from daemon.continual import ContinualTrainer
+from daemon.forecaster import ForecastService
+from daemon.market.live import LiveIngestor
+from daemon.market.rest import BinanceRestClient, RestSettings
+from daemon.market.websocket import StreamSettings
+from daemon.mqtt import Publisher
+from daemon.notify import Notifier
+from daemon.registry import ModelRegistry
+from kronos_model import Kronos, KronosTokenizer
+from kronos_model.finetune.config import TINY_PREDICTOR, TINY_TOKENIZER
+from storage.forecasts import forecast_error_summary, insert_model_event
+from storage.writer import StoreWriter
+
+log = structlog.get_logger("daemon.service")
+
+
+def bootstrap_champion(registry: ModelRegistry, config: KronosConfig) -> str:
+    """The `current` version, registering the configured starting model when the registry is empty."""
+    current = registry.resolve("current")
+    if current is not None:
+        return current
+    model_cfg = config.model
+    if model_cfg.predictor == "scratch":
+        torch.manual_seed(config.forecast.seed)
+        tokenizer, model = KronosTokenizer(**TINY_TOKENIZER), Kronos(**TINY_PREDICTOR)
+    else:
+        tokenizer = KronosTokenizer.from_pretrained(model_cfg.tokenizer, revision=model_cfg.revision)
+        model = Kronos.from_pretrained(model_cfg.predictor, revision=model_cfg.revision)
+    manifest = {"base": {"tokenizer": model_cfg.tokenizer, "predictor": model_cfg.predictor,
+                         "revision": model_cfg.revision}, "origin": "bootstrap"}
+    version = registry.add_pair(tokenizer, model, manifest)
+    registry.promote(version)
+    log.info("model_bootstrapped", model_version=version, predictor=model_cfg.predictor)
+    return version
+
+
+class LoopLagMonitor:
+    """How late the event loop wakes a 50 ms ticker: the cost of anything that blocks it."""
+
+    def __init__(self, period_s: float = 0.05):
+        self.period_s = period_s
+        self.lags_ms: list[float] = []
+
+    async def run(self) -> None:
+        while True:
+            start = time.monotonic()
+            await asyncio.sleep(self.period_s)
+            self.lags_ms.append(max(0.0, (time.monotonic() - start - self.period_s) * 1000))
+            if len(self.lags_ms) > 100_000:
+                del self.lags_ms[:50_000]
+
+    def percentile(self, q: float) -> float | None:
+        return float(np.percentile(self.lags_ms, q)) if self.lags_ms else None
+
+
+class Daemon:
+    def __init__(self, config: KronosConfig, config_path: Path | None = None, notifier: Notifier | None = None):
+        self.config, self.config_path = config, config_path
+        self.notifier = notifier or Notifier()
+        self.state_dir = Path(config.storage.state_dir)
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task] = {}
+        self.lag = LoopLagMonitor()
+        self.started_candles = 0
+        self.reloads = 0
+
+    # -- building blocks -------------------------------------------------------------------------
+
+    def _writer(self) -> StoreWriter:
+        storage = self.config.storage
+        return StoreWriter(storage.live_path, snapshot_path=storage.snapshot_path,
+                           snapshot_interval_s=storage.snapshot_interval_s, memory_limit=storage.memory_limit,
+                           threads=storage.threads, snapshot_storage_version=storage.snapshot_storage_version)
+
+    def _rest_settings(self) -> RestSettings:
+        exchange = self.config.exchange
+        return RestSettings(base_url=exchange.rest_url, weight_share=exchange.weight_share,
+                            timeout_s=exchange.request_timeout_s, max_retries=exchange.max_retries,
+                            backoff_base_s=exchange.backoff_base_s, backoff_max_s=exchange.backoff_max_s,
+                            ban_file=self.state_dir / "binance-ban.json")
+
+    def _stream_settings(self) -> StreamSettings:
+        exchange = self.config.exchange
+        return StreamSettings(base_url=exchange.ws_url, watchdog_s=exchange.watchdog_s,
+                              max_connection_age_s=exchange.max_connection_age_s,
+                              backoff_base_s=exchange.backoff_base_s, backoff_max_s=exchange.backoff_max_s)
+
+    def _on_stored(self, pair: tuple[str, str], newest_open_time: int) -> None:
+        self.forecaster.on_candle(pair, newest_open_time)
+        self.continual.on_candle(pair, newest_open_time)
+
+    def _start(self, name: str, coroutine) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks[name] = task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or self._stop.is_set():
+            return
+        error = task.exception()
+        if error is not None:
+            # a dead subsystem must not leave a zombie daemon that still pings the watchdog
+            log.error("subsystem_failed", task=task.get_name(), error=repr(error))
+            self.exit_code = 1
+            self._stop.set()
+
+    async def _start_ingest(self) -> None:
+        pairs = self.config.markets.pairs
+        for symbol, interval in pairs:
+            await self.rest.validate(symbol, interval)  # unknown symbol/interval: a clear error, nothing fetched
+        await self.rest.sync_time()
+        history_ms = int(self.config.markets.history_days * 86_400_000)
+        self.ingestor = LiveIngestor(self.writer, self.rest, pairs, self._stream_settings(),
+                                     initial_start_ms=lambda: self.rest.server_now_ms() - history_ms,
+                                     on_stored=self._on_stored)
+        self._start("ingest", self.ingestor.run())
+        log.info("ingest_started", pairs=[f"{s}/{i}" for s, i in pairs])
+
+    async def _stop_ingest(self) -> None:
+        task = self._tasks.pop("ingest", None)
+        if task is None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ingestor.stop(), timeout=3)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+    def _start_publisher(self) -> None:
+        self.publisher = Publisher(self.config.mqtt) if self.config.mqtt.enabled else None
+        if self.publisher is not None:
+            self._start("mqtt", self.publisher.run())
+
+    async def _stop_publisher(self) -> None:
+        task = self._tasks.pop("mqtt", None)
+        if self.publisher is None or task is None:
+            return
+        self.publisher.stop()
+        try:
+            await asyncio.wait_for(task, timeout=3)
+        except (TimeoutError, asyncio.CancelledError):
+            task.cancel()
+
+    async def _load_champion(self, version: str) -> None:
+        tokenizer, model = await asyncio.to_thread(self.registry.load, version)
+        self.forecaster.set_champion(version, tokenizer, model)
+        structlog.contextvars.bind_contextvars(model_version=version)
+        log.info("champion_loaded", model_version=version)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        self.exit_code = 0
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = await asyncio.to_thread(self._writer().start)
+        self.started_candles = await self.writer.run(
+            lambda store: store.con.execute("SELECT count(*) FROM candles").fetchall()[0][0])
+        self.registry = ModelRegistry(self.state_dir / "models", self.config.model.keep_versions)
+        self._start_publisher()
+        self.forecaster = ForecastService(self.writer, self.config.forecast, self.config.model, self.publisher)
+        version = await asyncio.to_thread(bootstrap_champion, self.registry, self.config)
+        await self._load_champion(version)
+        self.continual = ContinualTrainer(self.writer, self.config, self.registry, self.forecaster,
+                                          self.publisher, self.state_dir)
+        self._start("loop_lag", self.lag.run())
+        self._start("forecast", self.forecaster.run())
+        self._start("continual", self.continual.run())
+        try:
+            async with BinanceRestClient(self._rest_settings()) as self.rest:
+                await self._start_ingest()
+                self.notifier.ready(f"forecasting {len(self.config.markets.pairs)} pairs with {version}")
+                if self.notifier.watchdog_interval_s:
+                    self._start("watchdog", self._watchdog())
+                log.info("daemon_ready", model_version=version, state_dir=str(self.state_dir))
+                while not self._stop.is_set():
+                    waiters = [asyncio.create_task(self._stop.wait()), asyncio.create_task(self._reload.wait())]
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                    for waiter in waiters:
+                        waiter.cancel()
+                    if self._reload.is_set() and not self._stop.is_set():
+                        self._reload.clear()
+                        await self.reload()
+                return await self._shutdown()
+        except BaseException:
+            if not self._stop.is_set():
+                self._stop.set()
+                with contextlib.suppress(Exception):
+                    await self._shutdown()
+            raise
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval_s or 10
+        while True:
+            writer_alive = self.writer._thread is not None and self.writer._thread.is_alive()
+            if writer_alive and "ingest" in self._tasks and not self._tasks["ingest"].done():
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def reload(self) -> None:
+        """SIGHUP: apply a valid new config (pairs, schedule, gate, forecast, MQTT), re-resolve `current`."""
+        self.notifier.reloading()
+        self.reloads += 1
+        try:
+            new = load_config(self.config_path)
+        except (ValueError, FileNotFoundError) as exc:
+            log.error("reload_rejected", reason=str(exc), path=str(self.config_path))
+            self.notifier.ready("reload rejected: kept the running config")
+            return
+        old, self.config = self.config, new
+        self.forecaster.forecast_config = new.forecast
+        self.continual.config = new
+        if new.mqtt != old.mqtt:
+            await self._stop_publisher()
+            self._start_publisher()
+            self.forecaster.publisher = self.continual.publisher = self.publisher
+        if new.markets.pairs != old.markets.pairs or new.exchange != old.exchange:
+            await self._stop_ingest()
+            try:
+                await self._start_ingest()
+            except (ValueError, OSError, RuntimeError) as exc:
+                log.error("reload_rejected", reason=f"new pairs not usable: {exc}")
+                self.config = old
+                self.forecaster.forecast_config, self.continual.config = old.forecast, old
+                await self._start_ingest()
+        current = self.registry.resolve("current")
+        if current and (self.forecaster.champion is None or current != self.forecaster.champion.version):
+            await self._swap_to(current, reason="current changed on disk")
+        log.info("reloaded", pairs=[f"{s}/{i}" for s, i in self.config.markets.pairs])
+        self.notifier.ready(f"reloaded; forecasting {len(self.config.markets.pairs)} pairs")
+
+    async def _swap_to(self, version: str, reason: str) -> None:
+        try:
+            tokenizer, model = await asyncio.to_thread(self.registry.load, version)  # hashes verified
+            self.forecaster.set_champion(version, tokenizer, model)
+            await self.writer.run(lambda store: insert_model_event(store.con, "swapped", version, None, None,
+                                                                   {"reason": reason}))
+            log.info("champion_swapped", model_version=version, reason=reason)
+        except Exception as exc:
+            log.error("champion_swap_failed", model_version=version, error=str(exc))
+
+    async def _shutdown(self) -> dict[str, Any]:
+        self.notifier.stopping()
+        log.info("daemon_stopping")
+        await self.continual.stop_training()
+        await self._stop_ingest()
+        for name in ("continual", "forecast", "watchdog"):
+            task = self._tasks.pop(name, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        summary = await self.summary()
+        await asyncio.to_thread(self.writer.close)  # flush, final snapshot, checkpoint
+        await self._stop_publisher()
+        for task in self._tasks.values():
+            task.cancel()
+        log.info("daemon_stopped", **summary)
+        return summary
+
+    async def summary(self) -> dict[str, Any]:
+        total = await self.writer.run(lambda store: store.con.execute("SELECT count(*) FROM candles").fetchall()[0][0])
+        errors = await self.writer.run(lambda store: forecast_error_summary(store.con))
+        lat = self.forecaster.latencies_ms
+        ingestor = getattr(self, "ingestor", None)
+        return {
+            "candles_ingested": int(total - self.started_candles),
+            "gaps_backfilled": ingestor.resyncs if ingestor else 0,
+            "forecasts_published": self.forecaster.published,
+            "finetune_runs": self.continual.runs,
+            "promotions": self.continual.promotions,
+            "rejections": self.continual.rejections,
+            "model_version": self.forecaster.champion.version if self.forecaster.champion else None,
+            "forecast_mae": errors["mae"], "random_walk_mae": errors["mae_random_walk"],
+            "direction_accuracy": errors["direction_accuracy"], "scored_steps": errors["scored_steps"],
+            "forecast_latency_ms_p50": float(np.percentile(lat, 50)) if lat else None,
+            "loop_lag_ms_p99": self.lag.percentile(99),
+            "mqtt_published": self.publisher.published if self.publisher else 0,
+        }
