@@ -185,3 +185,12 @@ def test_a_file_with_several_symbols_needs_a_choice():
     with pytest.raises(ValueError, match="--symbol"):
         series_from_frame(frame)
     assert series_from_frame(frame, "BTCUSDT").symbol == "BTCUSDT"
+
+
+def test_same_symbol_exclusion_only_spares_symbols_the_checkpoint_never_saw():
+    start, end = np.datetime64("2024-01-01", "ms"), np.datetime64("2024-06-01", "ms")
+    trained_on_btc = ExcludedRange(start, end, "training period", ("BTCUSDT",))
+    assert trained_on_btc.applies_to("ETHUSDT", same_symbol_only=False)
+    assert not trained_on_btc.applies_to("ETHUSDT", same_symbol_only=True)
+    assert trained_on_btc.applies_to("BTCUSDT", same_symbol_only=True)
+    assert ExcludedRange(start, end, "training period").applies_to("ETHUSDT", same_symbol_only=True)

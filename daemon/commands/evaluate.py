@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         start=_timestamp(args.start, "--start"), end=_timestamp(args.end, "--end"),
         batch_size=args.batch_size, max_context=args.max_context, device=args.device,
+        same_symbol_exclusion=args.same_symbol_exclusion,
     )
     progress = (not args.quiet and sys.stderr.isatty()) or args.progress
     walk, plan = run_walk_forward(series, sources, settings, progress=progress)
@@ -122,6 +123,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--samples", type=int, default=20, help="sample paths per forecast (default 20)")
     parser.add_argument("--start", help="earliest origin (date/time, UTC)")
     parser.add_argument("--end", help="latest origin (date/time, UTC)")
+    parser.add_argument("--same-symbol-exclusion", action="store_true",
+                        help="exclude a checkpoint's training/validation period only for the symbols it trained on "
+                        "(default: for every symbol, since crypto markets move together)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=0.9)

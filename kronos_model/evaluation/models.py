@@ -29,13 +29,19 @@ class ExcludedRange:
     start: np.datetime64
     end: np.datetime64
     reason: str
+    symbols: tuple[str, ...] = ()  # what the checkpoint trained on (empty: unknown)
+
+    def applies_to(self, symbol: str, same_symbol_only: bool) -> bool:
+        """Every symbol by default (correlated markets share their moves); with `same_symbol_only`, the trained
+        symbols, or every symbol when they are unknown."""
+        return not same_symbol_only or not self.symbols or symbol in self.symbols
 
     def contains(self, times: np.ndarray) -> np.ndarray:
         return (times >= self.start) & (times <= self.end)
 
     def to_dict(self) -> dict[str, str]:
         return {"start": str(np.datetime64(self.start, "m")), "end": str(np.datetime64(self.end, "m")),
-                "reason": self.reason}
+                "reason": self.reason, "symbols": list(self.symbols)}
 
 
 @dataclass
@@ -88,7 +94,8 @@ def training_ranges(manifest: dict[str, Any]) -> list[ExcludedRange]:
         return []
     end = splits.get("val_end") or train[1]
     reason = "training and validation period" if "val_end" in splits else "training period"
-    return [ExcludedRange(np.datetime64(train[0], "ms"), np.datetime64(end, "ms"), reason)]
+    symbols = tuple(data.get("symbols") or ())
+    return [ExcludedRange(np.datetime64(train[0], "ms"), np.datetime64(end, "ms"), reason, symbols)]
 
 
 def load_model(argument: str, tokenizer: str | None = None, name: str | None = None,

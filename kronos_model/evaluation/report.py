@@ -47,6 +47,7 @@ def build_report(walk: WalkForward, plan: OriginPlan, series: Series, sources: l
                  "last": format_time(series.times[-1]), "derived_amounts": series.derived_amounts},
         "candidate_origins": plan.candidates,
         "excluded_recent_origins": plan.excluded_recent,
+        "exclusion_scope": "trained symbols" if settings.same_symbol_exclusion else "every symbol",
         "warnings": plan.warnings,
         "fee_per_side": fee,
         "models": scores,

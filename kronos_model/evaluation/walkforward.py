@@ -43,6 +43,8 @@ class Settings:
     batch_size: int = 32
     max_context: int = 512
     device: str | None = None
+    # Exclude training periods only for the symbols a checkpoint trained on (default: for every symbol).
+    same_symbol_exclusion: bool = False
 
     @property
     def step(self) -> int:
@@ -153,10 +155,12 @@ def plan_origins(series: Series, context: int, settings: Settings, excluded: lis
     positions = eligible[_strided_from_latest(series.times[eligible], settings.origins, spacing)]
     if excluded_recent:
         periods = "; ".join(f"{format_time(p.start)} to {format_time(p.end)} ({p.reason})" for p in excluded)
+        scope = ("" if settings.same_symbol_exclusion else
+                 " (for every symbol, because correlated markets share their moves; --same-symbol-exclusion "
+                 "limits this to the symbols a checkpoint trained on)")
         replaced = min(excluded_recent, max(0, len(positions) - (len(recent) - excluded_recent)))
         notes.append(f"{excluded_recent} of the {len(recent)} most recent origins fall inside a checkpoint's "
-                     f"{periods} and were excluded (the period applies to every symbol: correlated markets "
-                     f"share their moves); {replaced} older origins took their place")
+                     f"{periods} and were excluded{scope}; {replaced} older origins took their place")
     if len(positions) < settings.origins:
         notes.append(f"only {len(positions)} origins are available (asked for {settings.origins})")
     if len(positions) < FEW_ORIGINS:
@@ -194,7 +198,8 @@ def run_walk_forward(series: Series, sources: list[ModelSource], settings: Setti
     """Forecast every origin with every model and every baseline."""
     settings.validate()
     context = max(settings.lookback, series.season)
-    excluded = [period for source in sources for period in source.excluded]
+    excluded = [period for source in sources for period in source.excluded
+                if period.applies_to(series.symbol, settings.same_symbol_exclusion)]
     plan = plan_origins(series, context, settings, excluded)
     positions = plan.positions
     history_index = positions[:, None] + np.arange(-context + 1, 1)[None, :]
