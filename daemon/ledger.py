@@ -172,6 +172,8 @@ def score_ledger(con: duckdb.DuckDBPyConnection, *, window: timedelta | None = N
             latest = con.execute(f"SELECT epoch_ms(max(open_time)) FROM candles WHERE {where}",
                                  [v for _, v in pairs]).fetchall()[0][0]
             now = datetime.fromtimestamp(latest / 1000, UTC) if latest is not None else datetime.now(UTC)
+        if now.tzinfo is None:  # naive times in this project are UTC
+            now = now.replace(tzinfo=UTC)
         since = now - window
     rows = _load(con, symbol, interval, model_version, since)
     label = window_label or ("all" if window is None else _label(window))
