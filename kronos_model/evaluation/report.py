@@ -101,6 +101,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_percent(s['coverage_50'])} | {_percent(s['coverage_80'])} | "
                      f"{_percent(s['coverage_90'])} | {_number(s['width_90_pct_of_price'], 3)} | "
                      f"{_number(s['pit_ks'], 3)} | {_number(s['quantile_loss'])} |")
+    lines += _by_step(report, evaluated)
     hold = report["buy_and_hold"]
     lines += ["", f"## Long/flat backtest ({100 * report['fee_per_side']:.2f} % fee per side)", "",
               "| strategy | return | Sharpe | max drawdown | hit rate | turnover | time long |",
@@ -141,6 +142,25 @@ def render_markdown(report: dict[str, Any]) -> str:
               "## Plots", ""]
     lines += [f"![{key}]({file})" for key, file in report["plots"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _by_step(report: dict[str, Any], evaluated: list[str]) -> list[str]:
+    """Per horizon step of each evaluated model: where along the horizon it wins or loses."""
+    models = report["models"]
+    reference, band = models["random_walk"]["per_step"], models["vol_band"]["per_step"]
+    lines = ["", "## By horizon step", "",
+             "| model | step | MAE / random walk | DM p (MAE) | CRPS / vol band | coverage 90 % | direction |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in evaluated:
+        step_scores = models[name]["per_step"]
+        for h in range(report["horizon"]):
+            mae_ratio = step_scores["mae"][h] / reference["mae"][h] if reference["mae"][h] else None
+            crps_ratio = step_scores["crps"][h] / band["crps"][h] if band["crps"][h] else None
+            lines.append(f"| {name} | {h + 1} | {_number(mae_ratio, 3)} | "
+                         f"{_number(step_scores['dm_pvalue_vs_random_walk'][h], 3)} | {_number(crps_ratio, 3)} | "
+                         f"{_percent(step_scores['coverage_90'][h])} | "
+                         f"{_percent(step_scores['direction_accuracy'][h])} |")
+    return lines
 
 
 def write_report(report: dict[str, Any], walk: WalkForward, out: Path) -> list[Path]:
