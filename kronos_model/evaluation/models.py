@@ -120,7 +120,8 @@ def load_model(argument: str, tokenizer: str | None = None, name: str | None = N
         tokenizer_location = tokenizer or HUB_TOKENIZERS.get(location)
         if tokenizer_location is None:
             raise ValueError(f"which tokenizer goes with {location}? pass --tokenizer (a hub id such as "
-                             "NeoQuasar/Kronos-Tokenizer-base or a directory)")
+                             "NeoQuasar/Kronos-Tokenizer-base or a directory) with --model, or put the pair in one "
+                             "directory as tokenizer/ and model/")
         model = Kronos.from_pretrained(location, local_files_only=offline)
         tokenizer_model = KronosTokenizer.from_pretrained(tokenizer_location, local_files_only=offline)
     return ModelSource(name=name, location=location, tokenizer=tokenizer_model, model=model,
