@@ -148,6 +148,9 @@ class CandleStore:
             quarantine = Path(f"{self.wal_path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
             os.replace(self.wal_path, quarantine)
             self.recovery.quarantined_wal = quarantine
+            if evidence is not None:
+                evidence.unlink()  # the quarantined log is the same file
+                evidence = None
             log.error(
                 "wal_quarantined",
                 database=str(self.path),

@@ -149,3 +149,27 @@ def test_a_corrupted_wal_is_detected_kept_aside_and_the_store_opens(tmp_path, ca
         store.close()
     logged = capsys.readouterr()
     assert "wal_" in logged.out + logged.err
+
+
+def test_a_wal_that_makes_the_open_fail_is_quarantined_and_its_windows_refetched(tmp_path, capsys):
+    db = tmp_path / "live.duckdb"
+    run_writer(db, batches=10, hold_wal=True, kill_after=10)
+    wal = Path(f"{db}.wal")
+    data = bytearray(wal.read_bytes())
+    data[8:40] = b"\xff" * 32  # damaged entry header: DuckDB refuses to replay ("data may be corrupt")
+    wal.write_bytes(bytes(data))
+
+    store = CandleStore(db)
+    try:
+        assert store.recovery.quarantined_wal is not None
+        assert store.recovery.quarantined_wal.name.startswith("live.duckdb.wal.corrupt-")
+        assert store.recovery.quarantined_wal.exists() and not wal.exists()
+        assert store.recovery.lost_batches == list(range(1, 11))
+        assert store.con.execute("SELECT count(*) FROM candles").fetchall()[0][0] == 0
+        open_gaps = store.gap_records("BTCUSDT", "1h", "open")
+        assert open_gaps[0][0] == MARCH_2024 and len(open_gaps) == 10
+    finally:
+        store.close()
+    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("live.duckdb.wal*")) == ["live.duckdb.wal.corrupt"]
+    logged = capsys.readouterr()
+    assert "wal_quarantined" in logged.out + logged.err
