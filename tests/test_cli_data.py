@@ -289,3 +289,60 @@ def test_import_reads_binance_archive_zips_and_gzipped_csv(tmp_path, simulator):
     assert "microsecond times" in result.stdout
     rows = table(db, "SELECT symbol, count(*), min(epoch_ms(open_time)) FROM candles GROUP BY 1 ORDER BY 1")
     assert rows == [("BTCUSDT", 744, 1735689600000), ("ETHUSDT", 1, 1709251200000)]
+
+
+@pytest.mark.slow
+def test_simulate_serves_a_store_with_faults_and_backfill_rides_them_out(tmp_path):
+    source = tmp_path / "source.duckdb"
+    kronosd("import", str(BUNDLED / "ETHUSDT_1h.parquet"), "--db", str(source), cwd=tmp_path)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            "simulate",
+            "--store",
+            str(source),
+            "--start",
+            "2024-09-01T00:30",
+            "--speed",
+            "0",
+            "--fault",
+            "rest:5xx:2",
+            "--fault",
+            "rest:429:1:1",
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        urls = json.loads(process.stdout.readline())
+        assert urls["series"] == ["ETHUSDT 1h (17518 candles)"]
+        db = tmp_path / "copy" / "kronos.duckdb"
+        report = json.loads(
+            kronosd(
+                "backfill",
+                "--symbol",
+                "ETHUSDT",
+                "--interval",
+                "1h",
+                "--start",
+                "2024-08-01",
+                "--json",
+                "--db",
+                str(db),
+                "--rest-url",
+                urls["rest_url"],
+                cwd=tmp_path,
+            ).stdout
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    assert report["rows_changed"] == 31 * 24 and report["rate_limited"] == 1
+    query = "SELECT open_time, open, high, low, close, volume, quote_volume, trades FROM candles ORDER BY 1"
+    window = " WHERE open_time >= TIMESTAMPTZ '2024-08-01 00:00+00' AND open_time < TIMESTAMPTZ '2024-09-01 00:00+00'"
+    assert table(db, query) == table(source, query.replace(" ORDER BY", window + " ORDER BY"))
