@@ -26,8 +26,14 @@ async def run_live(tmp_path, fault: tuple[str, float | None] | None, *, sim_opti
             async with BinanceRestClient(rest_settings) as rest:
                 options = {"base_url": sim.ws_url, "watchdog_s": 0.6, "backoff_base_s": 0.05, "backoff_max_s": 0.2}
                 options.update(settings_options or {})
+                newest_notified: dict = {}
                 live = LiveIngestor(
-                    writer, rest, PAIRS, StreamSettings(**options), initial_start_ms=lambda: HISTORY_FROM
+                    writer,
+                    rest,
+                    PAIRS,
+                    StreamSettings(**options),
+                    initial_start_ms=lambda: HISTORY_FROM,
+                    on_stored=lambda pair, newest: newest_notified.__setitem__(pair, newest),
                 )
                 task = asyncio.create_task(live.run())
                 await asyncio.sleep(1.2)
@@ -48,6 +54,8 @@ async def run_live(tmp_path, fault: tuple[str, float | None] | None, *, sim_opti
                     stored = writer.call(lambda s, p=pair: s.read_candles(*p)).result()
                     assert_store_matches_truth(stored, expected[pair])
                     assert stored["source"].to_list().count("websocket") > 0, "live candles came from the stream"
+                    # The forecaster is told about the newest candle, whichever way it arrived.
+                    assert newest_notified[pair] == expected[pair]["open_time"].max()
         assert sim.stats.bans == 0
         return live
 

@@ -110,6 +110,7 @@ class LiveIngestor:
     # -- resynchronisation ----------------------------------------------------------------------
     async def _resync(self, pair: Pair) -> None:
         symbol, interval = pair
+        known_before = self.last_closed[pair]
         attempt = 0
         while True:
             try:
@@ -139,4 +140,8 @@ class LiveIngestor:
         self.last_closed[pair] = max(known) if known else None
         self.drained += len(buffered)
         log.info("resynced", pair=pair, backfilled=report.rows_received, drained=len(buffered))
-        await self._store(buffered, pair)
+        if buffered:
+            await self._store(buffered, pair)
+        elif last is not None and (known_before is None or last > known_before) and self.on_stored:
+            # The newest candle came through REST: whoever follows the stream must still hear of it.
+            self.on_stored(pair, last)
