@@ -40,8 +40,9 @@ async def run_live(tmp_path, fault: tuple[str, float | None] | None, *, sim_opti
                 if fault is not None:
                     sim.faults.add("ws", fault[0], 1, fault[1])
                 await asyncio.sleep(2.0)
-                end = sim.clock.now_ms()
-                sim.clock.set(end, speed=0)  # the market stops; let the client catch up
+                # The market stops half-way through a candle; let the client catch up.
+                end = sim.clock.now_ms() // HOUR * HOUR + 30 * 60_000
+                sim.clock.set(end, speed=0)
                 expected = {pair: truth(*pair, HISTORY_FROM, end) for pair in PAIRS}
                 for _ in range(100):
                     counts = [writer.call(lambda s, p=p: s.read_candles(*p).height).result() for p in PAIRS]
@@ -87,6 +88,14 @@ def test_connections_are_replaced_before_their_age_limit_and_after_the_servers_c
     )
     reasons = live.connections[0].reconnect_reasons
     assert any("planned reconnect" in reason for reason in reasons)
+
+
+@pytest.mark.slow
+def test_a_silent_stream_inside_a_busy_connection_is_filled_when_its_close_is_overdue(tmp_path):
+    # BTCUSDT's stream stops while ETHUSDT's keeps the connection (and its watchdog) alive.
+    live = asyncio.run(run_live(tmp_path, ("mute", None), settings_options={"close_grace_s": 30.0}))
+    assert live.connections[0].connects == 1
+    assert live.late_closes > 0
 
 
 @pytest.mark.slow

@@ -51,15 +51,19 @@ class LiveIngestor:
         self.drained = 0  # stream candles held during a backfill and stored after it
         self._resync_tasks: dict[Pair, asyncio.Task] = {}
         self._fatal: BaseException | None = None
+        self._late_handled: dict[Pair, int] = {}
+        self.late_closes = 0  # candles fetched through REST because their close event never came
         self.connections = [
             KlineConnection(group, settings, self._on_row, self._on_connect) for group in split_pairs(self.pairs)
         ]
 
     async def run(self) -> None:
         """Run until stop(); re-raises what made ingestion impossible (a ban, a refused host)."""
+        watch = asyncio.create_task(self._watch_closes())
         try:
             await asyncio.gather(*(connection.run() for connection in self.connections))
         finally:
+            watch.cancel()
             for task in self._resync_tasks.values():
                 task.cancel()
         if self._fatal is not None:
@@ -97,6 +101,28 @@ class LiveIngestor:
             self.buffers[pair].append(row)  # type: ignore[union-attr]
             return
         await self._store([row], pair)
+
+    async def _watch_closes(self) -> None:
+        """Resync a pair whose next closed candle is overdue by the exchange's own clock (the newest
+        event time on its connection), once per missing candle."""
+        grace_ms = int(self.settings.close_grace_s * 1000)
+        while True:
+            await asyncio.sleep(self.settings.close_check_s)
+            for connection in self.connections:
+                now = connection.exchange_time_ms
+                if now is None:
+                    continue
+                for pair in connection.pairs:
+                    last = self.last_closed[pair]
+                    if self.buffers[pair] is not None or last is None:
+                        continue
+                    step = interval_ms(pair[1])
+                    overdue = last + step  # opens here, closes at + step - 1
+                    if now >= overdue + step + grace_ms and self._late_handled.get(pair) != overdue:
+                        self._late_handled[pair] = overdue
+                        self.late_closes += 1
+                        log.warning("close_event_missing", pair=pair, open_time=overdue)
+                        self._start_resync(pair)
 
     async def _store(self, rows: list[dict[str, Any]], pair: Pair) -> None:
         if not rows:

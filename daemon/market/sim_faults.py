@@ -3,7 +3,8 @@
 REST kinds: 429 (Retry-After = param s), 418 (ban for param s), 5xx (status = param, default 503),
 slow (delay param s), reset (connection dropped without a reply), 451, 403.
 Websocket kinds: drop (TCP cut mid-candle, no close frame), stall (stop sending for param s while
-still answering pings), close1001 (going away), shutdown (a serverShutdown event, then close).
+still answering pings), close1001 (going away), shutdown (a serverShutdown event, then close),
+mute (the connection's first stream goes silent while the others keep flowing).
 Archive kinds: corrupt (zip bytes that do not match the CHECKSUM), 404, 5xx.
 """
 
@@ -14,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 REST_FAULTS = {"429", "418", "5xx", "slow", "reset", "451", "403"}
-WS_FAULTS = {"drop", "stall", "close1001", "shutdown"}
+WS_FAULTS = {"drop", "stall", "close1001", "shutdown", "mute"}
 ARCHIVE_FAULTS = {"corrupt", "404", "5xx", "slow", "reset"}
 TARGET_KINDS = {"rest": REST_FAULTS, "ws": WS_FAULTS, "archive": ARCHIVE_FAULTS}
 

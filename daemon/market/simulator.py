@@ -388,6 +388,7 @@ class _StreamSession:
         self.streams: dict[str, Series] = {}
         self.last_closed: dict[str, int] = {}
         self.stalled_until = 0.0
+        self.muted: set[str] = set()
 
     def _subscribe(self, names: list[str]) -> None:
         now = self.sim.clock.now_ms()
@@ -457,13 +458,14 @@ class _StreamSession:
             send_update = time.monotonic() - last_update >= sim.ws_update_s
             for name, series in list(self.streams.items()):
                 closed_until = int(np.searchsorted(series.close_times, now, "left"))
+                silent = stalled or name in self.muted
                 for index in range(self.last_closed[name] + 1, closed_until):
-                    if not stalled:
+                    if not silent:
                         await self._send(name, ws_kline_event(series, index, now))
                 self.last_closed[name] = max(self.last_closed[name], closed_until - 1)
                 current = closed_until
                 in_progress = current < len(series.open_times) and series.open_times[current] <= now
-                if send_update and not stalled and in_progress:
+                if send_update and not silent and in_progress:
                     await self._send(name, ws_kline_event(series, current, now))
             if send_update:
                 last_update = time.monotonic()
@@ -486,6 +488,8 @@ class _StreamSession:
             await asyncio.sleep(fault.param or 0.2)
             await self.ws.close(1001, "server shutdown")
             return True
+        if fault.kind == "mute" and self.streams:
+            self.muted.add(next(iter(self.streams)))
         if fault.kind == "stall":
             self.stalled_until = time.monotonic() + (fault.param or 3600.0)
         return False

@@ -40,6 +40,11 @@ class StreamSettings:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
     open_timeout_s: float = 10.0
+    # A closed candle that has not arrived this long (exchange time) after its close is fetched
+    # through REST: a single stream of a combined connection can fall silent without the
+    # connection's watchdog noticing, and Binance may not push a close for a trade-less interval.
+    close_grace_s: float = 15.0
+    close_check_s: float = 1.0
 
 
 def stream_url(base_url: str, streams: list[str]) -> str:
@@ -71,6 +76,7 @@ class KlineConnection:
         self.url = stream_url(settings.base_url, [stream_name(s, i) for s, i in pairs])
         self.on_row, self.on_connect = on_row, on_connect
         self.connects = 0
+        self.exchange_time_ms: int | None = None  # the newest event time seen: the exchange's clock
         self.reconnect_reasons: list[str] = []
         self._stopping = False
         self._ws: ClientConnection | None = None
@@ -142,6 +148,9 @@ class KlineConnection:
             event = payload.get("data", payload) if isinstance(payload, dict) else None
             if not isinstance(event, dict):
                 continue
+            event_time = event.get("E")
+            if isinstance(event_time, int) and (self.exchange_time_ms is None or event_time > self.exchange_time_ms):
+                self.exchange_time_ms = event_time
             if event.get("e") == "serverShutdown":
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(ws.close(), timeout=2)
