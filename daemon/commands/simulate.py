@@ -41,8 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="TARGET:KIND[:COUNT[:PARAM]]",
-        help="queue a fault, e.g. rest:429:2:1, rest:5xx, ws:drop, ws:stall:1:30, archive:corrupt; more can be "
-        "added while running: POST /_sim/fault?spec=…",
+        help="queue a fault, e.g. rest:429:2:1, rest:5xx, ws:drop, ws:stall:1:30, ws:mute, archive:corrupt; more "
+        "can be added while running: POST /_sim/fault?spec=…",
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.set_defaults(handler=run)
