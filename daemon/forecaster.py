@@ -65,7 +65,7 @@ def forecast_rows(result: Forecast, symbol: str, interval: str, origin_ms: int, 
     data: dict[str, Any] = {
         "symbol": [symbol] * steps, "interval": [interval] * steps, "origin_time": [origin_ms] * steps,
         "model_version": [version] * steps, "step": list(range(1, steps + 1)),
-        "target_time": (result.timestamps.asi8 // 1_000_000).tolist(), "issued_at": [issued_ms] * steps,
+        "target_time": result.timestamps.as_unit("ms").asi8.tolist(), "issued_at": [issued_ms] * steps,
         "sample_paths": [len(result.paths)] * steps, "last_close": [result.last_close] * steps,
     }
     for j, column in enumerate(FORECAST_COLUMNS):
@@ -86,7 +86,7 @@ def forecast_payload(result: Forecast, symbol: str, interval: str, origin_ms: in
     return {
         "symbol": symbol, "interval": interval, "issued_at": iso(issued_ms), "origin_time": iso(origin_ms),
         "model_version": version, "last_close": result.last_close, "sample_paths": len(result.paths),
-        "timestamps": [iso(int(t) // 1_000_000) for t in result.timestamps.asi8],
+        "timestamps": [iso(int(t)) for t in result.timestamps.as_unit("ms").asi8],
         "mean": {c: np.round(result.mean[:, j], 8).tolist() for j, c in enumerate(columns)},
         **{name: {c: np.round(result.quantiles[q][:, j], 8).tolist() for j, c in enumerate(columns)}
            for q, name in ((0.1, "p10"), (0.5, "p50"), (0.9, "p90"))},

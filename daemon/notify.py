@@ -25,9 +25,11 @@ class Notifier:
         if not self.address:
             return False
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            # Never block the event loop on a slow or absent reader: drop the datagram instead.
+            sock.setblocking(False)
             try:
                 sock.connect(self.address)
-                sock.sendall("\n".join(fields).encode())
+                sock.send("\n".join(fields).encode())
             except OSError:
                 return False
         return True
