@@ -4,7 +4,7 @@ the daemon; unknown keys inside a defined section are an error, so typos do not 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -101,6 +101,8 @@ class ForecastConfig(BaseModel):
     top_k: int = Field(0, ge=0)
     quantiles: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
     seed: int = 0
+    score_every: int = Field(24, ge=1, description="publish rolling ledger scores after this many forecasts")
+    score_window_days: float = Field(7, gt=0, description="the rolling window of those scores")
 
     @model_validator(mode="after")
     def _standard_quantiles(self) -> ForecastConfig:
@@ -126,8 +128,11 @@ class FinetuneScheduleConfig(BaseModel):
 class GateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    margin: float = Field(0.0, ge=0, lt=1, description="the challenger's MAE must be below (1 - margin) x champion's")
-    origins: int = Field(16, ge=1)
+    metric: Literal["crps", "mae"] = Field("crps", description="what the challenger must lower")
+    margin: float = Field(0.0, ge=0, lt=1, description="challenger metric must be below (1 - margin) x champion's")
+    require_significance: bool = Field(False, description="also demand a Diebold-Mariano p-value below alpha")
+    alpha: float = Field(0.05, gt=0, lt=1)
+    origins: int = Field(32, ge=2)
     sample_paths: int = Field(8, ge=1)
     seed: int = 1234
 

@@ -231,11 +231,15 @@ class ContinualTrainer:
 
         challenger = await asyncio.to_thread(measure, challenger_pair)
         champion = await asyncio.to_thread(measure, champion_pair)
-        scores = {"challenger": challenger.to_dict(), "champion": champion.to_dict(), "margin": gate.margin}
-        better = challenger.finite and challenger.mae < champion.mae * (1 - gate.margin)
+        comparison = challenger.compare_with(champion, metric=gate.metric)  # same frame, origins and seeds
+        scores = {"challenger": challenger.to_dict(), "champion": champion.to_dict(),
+                  "comparison": comparison.to_dict(), "margin": gate.margin}
+        better = challenger.finite and comparison.passes(gate.margin, gate.alpha, gate.require_significance)
         if not better:
             self.rejections += 1
-            reason = "non-finite scores" if not challenger.finite else "not better than the champion by the margin"
+            reason = ("non-finite scores" if not challenger.finite else
+                      f"{gate.metric} not lower than the champion's by the margin"
+                      + (f" with DM p < {gate.alpha}" if gate.require_significance else ""))
             await self._event("rejected", run_id=run_id, reason=reason, **scores)
             return "rejected"
         version = await asyncio.to_thread(self.registry.add, candidate)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -21,9 +22,10 @@ import structlog
 import torch
 
 from daemon.config import ForecastConfig, ModelConfig
+from daemon.ledger import rolling_scores
 from daemon.mqtt import Publisher
 from kronos_model import Forecast, Kronos, KronosPredictor, KronosTokenizer
-from storage.forecasts import FORECAST_COLUMNS, insert_forecasts
+from storage.forecasts import FORECAST_COLUMNS, insert_forecasts, insert_model_event
 from storage.intervals import interval_ms
 from storage.writer import StoreWriter
 
@@ -130,6 +132,24 @@ class ForecastService:
                 except Exception:
                     log.exception("forecast_failed", symbol=pair[0], interval=pair[1], origin=origin)
 
+    async def publish_scores(self) -> list[dict[str, Any]]:
+        """Rolling ledger scores per pair and model version: stored as a model event, published, logged."""
+        window = timedelta(days=self.forecast_config.score_window_days)
+
+        def score(store) -> list[dict[str, Any]]:
+            results = [s.to_dict() for s in rolling_scores(store.con, window=window)]
+            for result in results:
+                insert_model_event(store.con, "ledger_scores", result.get("model_version"), None, None, result)
+            return results
+
+        results = await self.writer.run(score)
+        for result in results:
+            if self.publisher is not None:
+                self.publisher.publish_event("ledger_scores", **result)
+            log.info("ledger_scores", **{k: result[k] for k in ("symbol", "interval", "model_version", "origins",
+                                                               "relative_mae", "coverage_80") if k in result})
+        return results
+
     async def forecast_pair(self, pair: Pair, origin_ms: int, noticed: float | None = None) -> bool:
         symbol, interval = pair
         champion = self.champion  # read once: a swap during this forecast does not affect it
@@ -153,6 +173,8 @@ class ForecastService:
             self.publisher.publish_forecast(symbol, interval, forecast_payload(result, symbol, interval, origin_ms,
                                                                               champion.version, issued))
         self.published += 1
+        if self.published % config.score_every == 0:
+            await self.publish_scores()
         latency = (time.monotonic() - noticed) * 1000 if noticed else None
         if latency is not None:
             self.latencies_ms.append(latency)
