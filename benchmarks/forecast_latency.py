@@ -1,6 +1,6 @@
 """Closed candle → forecast on MQTT: p50/p99 latency of the running daemon, on the CPU.
 
-For each case the exchange simulator (in this process) serves the bundled BTCUSDT 1h candles on a clock
+For each case the exchange simulator (`kronosd simulate`, its own process) serves the bundled BTCUSDT 1h candles on a clock
 running `--speed` times real time, the daemon runs against it, and an MQTT subscriber on the broker
 (127.0.0.1:1883 by default) timestamps every forecast. Latency = the moment the forecast message arrives
 minus the wall-clock moment the simulator's market clock passed the candle's close. Also printed: the
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,14 +25,13 @@ import torch
 
 from daemon.commands.market_common import BUNDLED_DATA_DIR
 from daemon.config import KronosConfig
-from daemon.market.sim_data import CandleBook, SimClock
-from daemon.market.simulator import ExchangeSimulator
 from daemon.service import Daemon
 from kronos_model import Kronos, KronosTokenizer
 from storage.intervals import parse_time
 
 CONFIGS = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "kronos-configs"
 HOUR_MS = 3_600_000
+START = "2025-10-01"
 
 
 def kronos_small_dir(root: Path) -> Path:
@@ -43,14 +43,13 @@ def kronos_small_dir(root: Path) -> Path:
 
 
 async def measure(name: str, model: dict, forecast: dict, speed: float, count: int, mqtt_port: int) -> dict:
-    book = CandleBook()
-    book.add_file(BUNDLED_DATA_DIR / "BTCUSDT_1h.parquet")
-    start_ms = parse_time("2025-10-01")
-    clock = SimClock(start_ms, speed)
-    wall_start = time.time()
-    simulator = await ExchangeSimulator(book, clock, ws_update_s=0.05, ws_tick_s=0.01).start()
+    # The exchange runs in its own process, as the real one would: it must not share our event loop.
+    simulator = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon.cli", "simulate", "--data", str(BUNDLED_DATA_DIR / "BTCUSDT_1h.parquet"),
+        "--start", START, "--speed", str(speed), stdout=asyncio.subprocess.PIPE)
+    urls = json.loads(await simulator.stdout.readline())
+    wall_start, start_ms = time.time(), parse_time(urls["market_time"])
     with tempfile.TemporaryDirectory() as state:
-        urls = simulator.urls()
         config = KronosConfig.model_validate({
             "exchange": {"rest_url": urls["rest_url"], "ws_url": urls["ws_url"], "archive_url": urls["archive_url"]},
             "storage": {"state_dir": state, "snapshot_interval_s": 30},
@@ -68,7 +67,7 @@ async def measure(name: str, model: dict, forecast: dict, speed: float, count: i
                     continue
                 arrived = time.time()
                 payload = json.loads(message.payload)
-                origin = int(np.datetime64(payload["origin_time"].rstrip("Z"), "ms").astype(np.int64))
+                origin = parse_time(payload["origin_time"])
                 closed_wall = wall_start + (origin + HOUR_MS - start_ms) / 1000 / speed
                 if closed_wall < wall_start + 2:  # forecasts of the initial backfill are not live latency
                     continue
@@ -78,7 +77,8 @@ async def measure(name: str, model: dict, forecast: dict, speed: float, count: i
             daemon._stop.set()
             await task
         own = daemon.forecaster.latencies_ms[-count:]
-    await simulator.stop()
+    simulator.terminate()
+    await simulator.wait()
     return {"case": name, "n": len(latencies), "p50_ms": float(np.percentile(latencies, 50)),
             "p99_ms": float(np.percentile(latencies, 99)), "daemon_p50_ms": float(np.percentile(own, 50)),
             "daemon_p99_ms": float(np.percentile(own, 99))}

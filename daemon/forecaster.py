@@ -158,17 +158,21 @@ class ForecastService:
         config, step = self.forecast_config, interval_ms(interval)
         # twice the look-back in time, so a few missing candles still leave a full window
         start = origin_ms - 2 * config.lookback * step
+        began = time.monotonic()
         candles = await self.writer.run(lambda store: store.read_candles(symbol, interval, start, origin_ms + step))
         candles = candles.tail(config.lookback)
+        read_done = time.monotonic()
         if candles.height < config.lookback:
             log.info("forecast_skipped", symbol=symbol, interval=interval, reason="not enough history",
                      have=candles.height, need=config.lookback)
             return False
         seed = config.seed + origin_ms // step  # reproducible per origin
         result = await asyncio.to_thread(forecast_window, champion, candles, step, config, seed)
+        model_done = time.monotonic()
         issued = int(time.time() * 1000)
         rows = forecast_rows(result, symbol, interval, origin_ms, champion.version, issued)
         await self.writer.run(lambda store: insert_forecasts(store.con, rows))
+        stored = time.monotonic()
         if self.publisher is not None:
             self.publisher.publish_forecast(symbol, interval, forecast_payload(result, symbol, interval, origin_ms,
                                                                               champion.version, issued))
@@ -180,5 +184,7 @@ class ForecastService:
             self.latencies_ms.append(latency)
         log.info("forecast_published", symbol=symbol, interval=interval, origin=origin_ms,
                  model_version=champion.version, latency_ms=None if latency is None else round(latency, 1),
+                 read_ms=round((read_done - began) * 1000, 1), model_ms=round((model_done - read_done) * 1000, 1),
+                 store_ms=round((stored - model_done) * 1000, 1),
                  p50_close_next=round(float(result.quantiles[0.5][0, 3]), 2), prob_up_next=float(result.prob_up[0]))
         return True

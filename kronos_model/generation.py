@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kronos_model.model import Kronos, KronosTokenizer, KVCache
+from kronos_model.attention import KVCache
+from kronos_model.model import Kronos, KronosTokenizer
 
 
 def sample_tokens(
@@ -72,10 +73,11 @@ def _new_caches(n: int, capacity: int) -> list[KVCache]:
     return [KVCache(capacity) for _ in range(n)]
 
 
-def _expand(caches: list[KVCache], hidden: torch.Tensor, repeats: int) -> torch.Tensor:
+def _share(caches: list[KVCache], hidden: torch.Tensor, paths: int) -> torch.Tensor:
+    """The prefix just cached serves all `paths` rows of its series; its hidden states are repeated per path."""
     for cache in caches:
-        cache.repeat_rows(repeats)
-    return hidden.repeat_interleave(repeats, dim=0)
+        cache.share_prefix(paths)
+    return hidden.repeat_interleave(paths, dim=0)
 
 
 @torch.inference_mode()
@@ -127,7 +129,7 @@ def generate(
             if prefix:
                 shared = model.trunk(hist_s1[:, lookback - prefix :], hist_s2[:, lookback - prefix :],
                                      stamps[:, start : start + prefix], caches=caches)
-                parts.append(_expand(caches, shared, paths))
+                parts.append(_share(caches, shared, paths))
             if generated:
                 parts.append(model.trunk(gen_s1[:, i - generated : i], gen_s2[:, i - generated : i],
                                          path_stamps[:, known - generated : known], caches=caches))
@@ -157,6 +159,6 @@ def decode_forecast(tokenizer, hist_s1, hist_s2, gen_s1, gen_s2, max_context: in
     if prefix:
         code = tokenizer.indices_to_bits([hist_s1[:, -prefix:], hist_s2[:, -prefix:]], half=True)
         shared = tokenizer.decode_code(code, caches=caches)
-        _expand(caches, shared, paths)
+        _share(caches, shared, paths)
     code = tokenizer.indices_to_bits([gen_s1, gen_s2], half=True)
     return tokenizer.decode_code(code, caches=caches)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kronos_model.attention import KVCache, attention, attention_mask, unblock_empty_rows
 from kronos_model.hub import HubMixin
 
 # ----------------------------------------------------------------------------------------------------------
@@ -75,63 +76,6 @@ class RotaryPositionalEmbedding(nn.Module):
         return (x * cos + rotated_half * sin).to(x.dtype)
 
 
-class KVCache:
-    """Rotated keys and values of one attention layer for the tokens seen so far, preallocated to capacity."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.length = 0
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, heads, new, head_dim = k.shape
-        if self.keys is None:
-            self.keys = k.new_empty(batch, heads, self.capacity, head_dim)
-            self.values = v.new_empty(batch, heads, self.capacity, head_dim)
-        end = self.length + new
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
-        self.keys[:, :, self.length : end] = k
-        self.values[:, :, self.length : end] = v
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
-
-    def repeat_rows(self, repeats: int) -> None:
-        """Give every row `repeats` identical copies (row-major), e.g. one per sample path."""
-        assert self.keys is not None and self.values is not None
-        self.keys = self.keys.repeat_interleave(repeats, dim=0)
-        self.values = self.values.repeat_interleave(repeats, dim=0)
-
-
-def _unblock_empty_rows(allowed: torch.Tensor) -> torch.Tensor:
-    """A query with no visible key (a padded position) would give NaN; let it see everything instead, since
-    its output is ignored anyway."""
-    return allowed | ~allowed.any(dim=-1, keepdim=True)
-
-
-def _attention_mask(
-    q_len: int, k_len: int, device: torch.device, padding_mask: torch.Tensor | None
-) -> tuple[torch.Tensor | None, bool]:
-    """Causal mask for queries that are the last `q_len` of `k_len` keys, plus an optional key padding mask.
-
-    Returns (attn_mask, is_causal) for scaled_dot_product_attention; the fast built-in causal path is used
-    whenever it is exact (queries and keys aligned, no padding).
-    """
-    if padding_mask is None:
-        if q_len == k_len:
-            return None, True
-        if q_len == 1:
-            return None, False  # the newest token may see every key
-    past = k_len - q_len
-    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=past)
-    if padding_mask is not None:
-        # padding_mask: (B, k_len), 1/True = padding; pads never serve as keys.
-        allowed = allowed[None, None] & ~padding_mask.bool()[:, None, None, :]
-        allowed = _unblock_empty_rows(allowed)
-    return allowed, False
-
-
 class MultiHeadAttentionWithRoPE(nn.Module):
     """Causal self-attention; rotary positions start at 0 for the first token of the window."""
 
@@ -163,12 +107,12 @@ class MultiHeadAttentionWithRoPE(nn.Module):
         cos, sin = self.rotary.cos_sin(torch.arange(start, start + length, device=x.device))
         q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         if cache is not None:
-            k, v = cache.append(k, v)
-        mask, is_causal = _attention_mask(length, k.shape[-2], x.device, key_padding_mask)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.attn_dropout_p if self.training else 0.0,
-        )
+            if key_padding_mask is not None:
+                raise ValueError("a KV cache and a padding mask cannot be combined")
+            out = cache.attend(q, k, v)
+        else:
+            mask, is_causal = attention_mask(length, length, x.device, key_padding_mask)
+            out = attention(q, k, v, mask, is_causal, self.attn_dropout_p if self.training else 0.0)
         out = out.transpose(1, 2).reshape(batch, length, d_model)
         return self.resid_dropout(self.out_proj(out))
 
@@ -210,18 +154,19 @@ class MultiHeadCrossAttentionWithRoPE(nn.Module):
     ) -> torch.Tensor:
         batch, q_len, d_model = query.shape
         q = self._heads(self.q_proj(query))
-        cos, sin = self.rotary.cos_sin(torch.arange(q_len, device=query.device))
-        q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
+        if q_len > 1:  # with one query the table is position 0: cos = 1, sin = 0, the identity
+            cos, sin = self.rotary.cos_sin(torch.arange(q_len, device=query.device))
+            q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
         mask, is_causal = None, self.training
         if key_padding_mask is not None:
             mask = ~key_padding_mask.bool()[:, None, None, :]
             if self.training:  # the original's causal mask, aligned top-left
                 mask = mask & torch.ones(q_len, k.shape[-2], dtype=torch.bool, device=query.device).tril()
-            mask, is_causal = _unblock_empty_rows(mask), False
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.attn_dropout_p if self.training else 0.0,
-        )
+            mask, is_causal = unblock_empty_rows(mask), False
+        # q_len 1 in train mode is causal top-left: the query sees key 0 only (kept from the original)
+        if is_causal and q_len == 1:
+            k, v, is_causal = k[..., :1, :], v[..., :1, :], False
+        out = attention(q, k, v, mask, is_causal, self.attn_dropout_p if self.training else 0.0)
         out = out.transpose(1, 2).reshape(batch, q_len, d_model)
         return self.resid_dropout(self.out_proj(out))
 
