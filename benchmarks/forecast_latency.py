@@ -1,7 +1,7 @@
 """Closed candle → forecast on MQTT: p50/p99 latency of the running daemon, on the CPU.
 
-For each case the exchange simulator (`kronosd simulate`, its own process) serves the bundled BTCUSDT 1h candles on a clock
-running `--speed` times real time, the daemon runs against it, and an MQTT subscriber on the broker
+For each case the exchange simulator (`kronosd simulate`, its own process) serves the bundled BTCUSDT 1h
+candles on a clock running `--speed` times real time, the daemon runs against it, and an MQTT subscriber on the broker
 (127.0.0.1:1883 by default) timestamps every forecast. Latency = the moment the forecast message arrives
 minus the wall-clock moment the simulator's market clock passed the candle's close. Also printed: the
 daemon's own share (stored candle noticed → forecast handed to MQTT).

@@ -76,8 +76,8 @@ class RotaryPositionalEmbedding(nn.Module):
         return (x * cos + rotated_half * sin).to(x.dtype)
 
 
-class MultiHeadAttentionWithRoPE(nn.Module):
-    """Causal self-attention; rotary positions start at 0 for the first token of the window."""
+class _RotaryAttention(nn.Module):
+    """Projections (q, k, v, out, with bias), rotary table and dropouts shared by both attention layers."""
 
     def __init__(self, d_model: int, n_heads: int, attn_dropout_p: float = 0.0, resid_dropout_p: float = 0.0):
         super().__init__()
@@ -94,6 +94,10 @@ class MultiHeadAttentionWithRoPE(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+
+
+class MultiHeadAttentionWithRoPE(_RotaryAttention):
+    """Causal self-attention; rotary positions start at 0 for the first token of the window."""
 
     def forward(
         self,
@@ -117,7 +121,7 @@ class MultiHeadAttentionWithRoPE(nn.Module):
         return self.resid_dropout(self.out_proj(out))
 
 
-class MultiHeadCrossAttentionWithRoPE(nn.Module):
+class MultiHeadCrossAttentionWithRoPE(_RotaryAttention):
     """Cross-attention of the dependency layer.
 
     As in the original, the rotary table is built for the query length and applied to both queries and keys:
@@ -125,22 +129,6 @@ class MultiHeadCrossAttentionWithRoPE(nn.Module):
     identity. Causal only in train mode. `project_kv` / `attend` split the work so forecasting can cache the
     projected keys and values (which, unrotated at inference, do not depend on the query).
     """
-
-    def __init__(self, d_model: int, n_heads: int, attn_dropout_p: float = 0.0, resid_dropout: float = 0.0):
-        super().__init__()
-        self.n_heads = n_heads
-        self.head_dim = d_model // n_heads
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
-        self.rotary = RotaryPositionalEmbedding(self.head_dim)
-        self.attn_dropout_p = attn_dropout_p
-        self.resid_dropout = nn.Dropout(resid_dropout)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
 
     def project_kv(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._heads(self.k_proj(key)), self._heads(self.v_proj(value))

@@ -57,4 +57,4 @@ def test_unsorted_candles_are_rejected(tmp_path):
     data.write_text("timestamps,open,high,low,close\n2024-01-01 01:00,1,2,0.5,1.5\n2024-01-01 00:00,1,2,0.5,1.5\n")
     result = kronosd("forecast", "--data", str(data), "--lookback", "2")
     assert result.returncode == 2
-    assert "sorted ascending" in result.stderr
+    assert "not in ascending order" in result.stderr

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import polars as pl
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_DATA = ASSETS / "data" / "BTCUSDT_1h.parquet"
@@ -22,30 +21,13 @@ BUNDLED_CHECKPOINT = ASSETS / "checkpoints" / "tiny-random"
 
 
 def load_candles(path: Path) -> pd.DataFrame:
-    """Candles from Parquet or CSV(.gz): Binance kline layout (open_time in ms, quote_volume) or the Kronos
-    layout (timestamps, open, high, low, close[, volume, amount]). Returns a frame sorted by `timestamps`."""
-    if not path.exists():
-        raise FileNotFoundError(f"no such data file: {path}")
-    frame = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path, infer_schema_length=None)
-    if "open_time" in frame.columns:
-        if frame["open_time"].dtype.is_integer():
-            # Binance switched archive timestamps to microseconds in 2025; the REST API stays in ms.
-            unit = "us" if frame["open_time"].max() > 10**14 else "ms"
-            frame = frame.with_columns(pl.from_epoch("open_time", time_unit=unit).alias("timestamps"))
-        else:
-            frame = frame.with_columns(pl.col("open_time").str.to_datetime().alias("timestamps"))
-        if "quote_volume" in frame.columns and "amount" not in frame.columns:
-            frame = frame.rename({"quote_volume": "amount"})
-    elif "timestamps" in frame.columns:
-        if frame["timestamps"].dtype == pl.String:
-            frame = frame.with_columns(pl.col("timestamps").str.to_datetime())
-    else:
-        raise ValueError(f"{path}: need an 'open_time' (Binance layout) or 'timestamps' column, got {frame.columns}")
-    keep = [c for c in ("timestamps", "open", "high", "low", "close", "volume", "amount") if c in frame.columns]
-    result = frame.select(keep).to_pandas()
-    if not result["timestamps"].is_monotonic_increasing or result["timestamps"].duplicated().any():
-        raise ValueError(f"{path}: timestamps must be unique and sorted ascending")
-    return result
+    """Candles of one file (see kronos_model.data.read_candles for the layouts), as a pandas frame."""
+    from kronos_model.data import FEATURES, read_candles
+
+    frame = read_candles(path)
+    if frame["symbol"].n_unique() > 1:
+        raise ValueError(f"{path} holds several symbols; forecast one series at a time")
+    return frame.select("timestamps", *FEATURES).to_pandas()
 
 
 def infer_step(timestamps: pd.Series) -> pd.Timedelta:
