@@ -20,12 +20,12 @@ import numpy as np
 import structlog
 import torch
 
+from daemon.commands.market_common import rest_settings, stream_settings
 from daemon.config import KronosConfig, load_config
 from daemon.continual import ContinualTrainer
 from daemon.forecaster import ForecastService
 from daemon.market.live import LiveIngestor
-from daemon.market.rest import BinanceRestClient, RestSettings
-from daemon.market.websocket import StreamSettings
+from daemon.market.rest import BinanceRestClient
 from daemon.mqtt import Publisher
 from daemon.notify import Notifier
 from daemon.registry import ModelRegistry
@@ -96,19 +96,6 @@ class Daemon:
                            snapshot_interval_s=storage.snapshot_interval_s, memory_limit=storage.memory_limit,
                            threads=storage.threads, snapshot_storage_version=storage.snapshot_storage_version)
 
-    def _rest_settings(self) -> RestSettings:
-        exchange = self.config.exchange
-        return RestSettings(base_url=exchange.rest_url, weight_share=exchange.weight_share,
-                            timeout_s=exchange.request_timeout_s, max_retries=exchange.max_retries,
-                            backoff_base_s=exchange.backoff_base_s, backoff_max_s=exchange.backoff_max_s,
-                            ban_file=self.state_dir / "binance-ban.json")
-
-    def _stream_settings(self) -> StreamSettings:
-        exchange = self.config.exchange
-        return StreamSettings(base_url=exchange.ws_url, watchdog_s=exchange.watchdog_s,
-                              max_connection_age_s=exchange.max_connection_age_s,
-                              backoff_base_s=exchange.backoff_base_s, backoff_max_s=exchange.backoff_max_s)
-
     def _on_stored(self, pair: tuple[str, str], newest_open_time: int) -> None:
         self.forecaster.on_candle(pair, newest_open_time)
         self.continual.on_candle(pair, newest_open_time)
@@ -134,7 +121,7 @@ class Daemon:
             await self.rest.validate(symbol, interval)  # unknown symbol/interval: a clear error, nothing fetched
         await self.rest.sync_time()
         history_ms = int(self.config.markets.history_days * 86_400_000)
-        self.ingestor = LiveIngestor(self.writer, self.rest, pairs, self._stream_settings(),
+        self.ingestor = LiveIngestor(self.writer, self.rest, pairs, stream_settings(self.config),
                                      initial_start_ms=lambda: self.rest.server_now_ms() - history_ms,
                                      on_stored=self._on_stored)
         self._start("ingest", self.ingestor.run())
@@ -194,7 +181,7 @@ class Daemon:
         self._start("forecast", self.forecaster.run())
         self._start("continual", self.continual.run())
         try:
-            async with BinanceRestClient(self._rest_settings()) as self.rest:
+            async with BinanceRestClient(rest_settings(self.config, self.config.storage.snapshot_path)) as self.rest:
                 await self._start_ingest()
                 self.notifier.ready(f"forecasting {len(self.config.markets.pairs)} pairs with {version}")
                 if self.notifier.watchdog_interval_s:

@@ -142,9 +142,8 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_loss_curve(fin
 
 def test_skip_tokenizer_keeps_the_base_tokenizer(tmp_path):
     base = REFERENCE / "tiny_fits_context"
-    config = write_config(tmp_path, tokenizer_id=str(base / "tokenizer"), base_model=str(base / "model"),
-                          skip_tokenizer=True, epochs=1)
-    rc, err = finish(finetune(config, f"output_dir={tmp_path / 'out'}"))
+    config = write_config(tmp_path, tokenizer_id=str(base / "tokenizer"), base_model=str(base / "model"), epochs=1)
+    rc, err = finish(finetune(config, "--skip-tokenizer", f"output_dir={tmp_path / 'out'}"))
     assert rc == 0, err
     a = load_file(str(tmp_path / "out" / "best" / "tokenizer" / "model.safetensors"))
     b = load_file(str(base / "tokenizer" / "model.safetensors"))

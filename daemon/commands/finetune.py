@@ -12,7 +12,8 @@ import argparse
 def run(args: argparse.Namespace) -> int:
     from kronos_model.finetune.__main__ import main
 
-    return main((["--config", args.config] if args.config else []) + args.overrides)
+    flags = [f"--skip-{stage}" for stage in ("tokenizer", "predictor") if getattr(args, f"skip_{stage}")]
+    return main((["--config", args.config] if args.config else []) + flags + args.overrides)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,4 +26,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", help="YAML config (see configs/); keys may be overridden as key=value")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--skip-tokenizer", action="store_true", help="keep the base tokenizer (skip stage 1)")
+    parser.add_argument("--skip-predictor", action="store_true", help="train the tokenizer only (skip stage 2)")
     parser.set_defaults(handler=run)

@@ -18,7 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kronos_model.finetune", description=__doc__)
     parser.add_argument("--config", help="YAML fine-tuning config")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+    parser.add_argument("--skip-tokenizer", action="store_true", help="keep the base tokenizer (skip stage 1)")
+    parser.add_argument("--skip-predictor", action="store_true", help="train the tokenizer only (skip stage 2)")
     args = parser.parse_args(argv)
+    args.overrides += [f"skip_{stage}=true" for stage in ("tokenizer", "predictor")
+                       if getattr(args, f"skip_{stage}")]
     if not structlog.is_configured():
         structlog.configure(processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper("iso"),
                                         structlog.processors.JSONRenderer()],
