@@ -64,6 +64,7 @@ class ContinualTrainer:
         self.runs = self.promotions = self.rejections = 0
         self._seen: dict[Pair, int] = {}
         self._wake = asyncio.Event()
+        self.loop_lags_ms: list[float] | None = None  # the service's event-loop lag samples, when it has them
 
     # -- triggering ------------------------------------------------------------------------------
 
@@ -156,6 +157,7 @@ class ContinualTrainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.runs += 1
         structlog.contextvars.bind_contextvars(run_id=run_id)
+        lag_from = len(self.loop_lags_ms) if self.loop_lags_ms is not None else 0
         try:
             champion_version = self.registry.resolve("current")
             if champion_version is None:
@@ -180,6 +182,12 @@ class ContinualTrainer:
             return "rejected"
         finally:
             self.running = False
+            if self.loop_lags_ms is not None and len(self.loop_lags_ms) > lag_from:
+                # what the fine-tune cost the event loop (ingest, forecasts and MQTT all run on it)
+                lags = np.asarray(self.loop_lags_ms[lag_from:])
+                log.info("finetune_loop_lag", run_id=run_id, samples=len(lags),
+                         p50_ms=round(float(np.percentile(lags, 50)), 2),
+                         p99_ms=round(float(np.percentile(lags, 99)), 2))
             structlog.contextvars.unbind_contextvars("run_id")
 
     async def _train(self, config_path: Path, log_path: Path) -> int:

@@ -177,6 +177,7 @@ class Daemon:
         await self._load_champion(version)
         self.continual = ContinualTrainer(self.writer, self.config, self.registry, self.forecaster,
                                           self.publisher, self.state_dir)
+        self.continual.loop_lags_ms = self.lag.lags_ms
         self._start("loop_lag", self.lag.run())
         self._start("forecast", self.forecaster.run())
         self._start("continual", self.continual.run())

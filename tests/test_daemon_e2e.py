@@ -174,6 +174,8 @@ def test_continual_finetune_promotes_a_better_challenger_rejects_a_broken_one_an
     try:
         # the from-scratch starting model is random: a trained challenger beats it and is promoted
         promoted = daemon.wait_event("promoted", 180)[0]
+        lag = daemon.wait_event("finetune_loop_lag", 30)[0]  # measured while the trainer ran; numbers in README
+        assert lag["samples"] > 10 and lag["p99_ms"] >= 0
         assert promoted["challenger"]["mae"] < promoted["champion"]["mae"]
         new_version = promoted["model_version"]
         wait_for(lambda: any(f["model_version"] == new_version for f in subscriber.forecasts("BTCUSDT")), 60,
