@@ -100,6 +100,10 @@ def main() -> None:
             ("Kronos-small shape (lookback 400, horizon 24, 8 paths)",
              {"predictor": str(small / "model"), "tokenizer": str(small / "tokenizer"), "threads": 2},
              {"lookback": 400, "horizon": 24, "sample_paths": 8}, 900.0),
+            ("Kronos-small shape, bfloat16 (model.dtype)",
+             {"predictor": str(small / "model"), "tokenizer": str(small / "tokenizer"), "threads": 2,
+              "dtype": "bfloat16"},
+             {"lookback": 400, "horizon": 24, "sample_paths": 8}, 900.0),
         ]
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads available, CPU")
         print(f"{'case':56} {'n':>3} {'p50 ms':>8} {'p99 ms':>8} {'daemon p50':>11} {'daemon p99':>11}")

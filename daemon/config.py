@@ -87,6 +87,9 @@ class ModelConfig(BaseModel):
     max_context: int = Field(512, ge=1)
     device: str = "auto"
     threads: int = Field(1, ge=1, description="torch threads for forecasting")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="bfloat16 forecasts ~1.4x faster on CPUs with AVX512-BF16/AMX and on GPUs, with "
+        "slightly different numbers than the float32 reference")
     keep_versions: int = Field(5, ge=2, description="model versions kept besides current and previous")
 
 

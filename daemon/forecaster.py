@@ -41,7 +41,8 @@ class Champion:
 
 def build_predictor(tokenizer: KronosTokenizer, model: Kronos, config: ModelConfig) -> KronosPredictor:
     device = None if config.device == "auto" else config.device
-    return KronosPredictor(model, tokenizer, device=device, max_context=config.max_context)
+    dtype = getattr(torch, config.dtype)
+    return KronosPredictor(model.to(dtype), tokenizer.to(dtype), device=device, max_context=config.max_context)
 
 
 def forecast_window(champion: Champion, candles: pl.DataFrame, step_ms: int, config: ForecastConfig,

@@ -105,3 +105,12 @@ def test_gate_rejects_a_corrupt_challenger_and_keeps_the_champion(tmp_path):
     assert current == champion and registry.resolve("current") == champion
     assert events[0][0] == "rejected" and "unusable" in events[0][1]
     assert isinstance(frame, pl.DataFrame)
+
+
+def test_model_dtype_setting_casts_the_forecasting_pair():
+    from daemon.config import ModelConfig
+    from daemon.forecaster import build_predictor
+
+    predictor = build_predictor(*pair(0), ModelConfig(device="cpu", dtype="bfloat16"))
+    assert next(predictor.model.parameters()).dtype == torch.bfloat16
+    assert next(predictor.tokenizer.parameters()).dtype == torch.bfloat16
