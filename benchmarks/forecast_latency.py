@@ -74,7 +74,7 @@ async def measure(name: str, model: dict, forecast: dict, speed: float, count: i
                 latencies.append((arrived - closed_wall) * 1000)
                 if len(latencies) >= count:
                     break
-            daemon._stop.set()
+            daemon.stop()
             await task
         own = daemon.forecaster.latencies_ms[-count:]
     simulator.terminate()

@@ -64,7 +64,7 @@ class ContinualTrainer:
         self.runs = self.promotions = self.rejections = 0
         self._seen: dict[Pair, int] = {}
         self._wake = asyncio.Event()
-        self.loop_lags_ms: list[float] | None = None  # the service's event-loop lag samples, when it has them
+        self.lag_monitor = None  # the service's LoopLagMonitor, when it has one
 
     # -- triggering ------------------------------------------------------------------------------
 
@@ -157,7 +157,7 @@ class ContinualTrainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.runs += 1
         structlog.contextvars.bind_contextvars(run_id=run_id)
-        lag_from = len(self.loop_lags_ms) if self.loop_lags_ms is not None else 0
+        started = time.monotonic()
         try:
             champion_version = self.registry.resolve("current")
             if champion_version is None:
@@ -182,9 +182,9 @@ class ContinualTrainer:
             return "rejected"
         finally:
             self.running = False
-            if self.loop_lags_ms is not None and len(self.loop_lags_ms) > lag_from:
+            lags = np.asarray(self.lag_monitor.since(started) if self.lag_monitor is not None else [])
+            if lags.size:
                 # what the fine-tune cost the event loop (ingest, forecasts and MQTT all run on it)
-                lags = np.asarray(self.loop_lags_ms[lag_from:])
                 log.info("finetune_loop_lag", run_id=run_id, samples=len(lags),
                          p50_ms=round(float(np.percentile(lags, 50)), 2),
                          p99_ms=round(float(np.percentile(lags, 99)), 2))

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -60,20 +61,23 @@ def bootstrap_champion(registry: ModelRegistry, config: KronosConfig) -> str:
 class LoopLagMonitor:
     """How late the event loop wakes a 50 ms ticker: the cost of anything that blocks it."""
 
-    def __init__(self, period_s: float = 0.05):
+    def __init__(self, period_s: float = 0.05, keep: int = 100_000):
         self.period_s = period_s
-        self.lags_ms: list[float] = []
+        self.samples: deque[tuple[float, float]] = deque(maxlen=keep)  # (monotonic time, lag in ms)
 
     async def run(self) -> None:
         while True:
             start = time.monotonic()
             await asyncio.sleep(self.period_s)
-            self.lags_ms.append(max(0.0, (time.monotonic() - start - self.period_s) * 1000))
-            if len(self.lags_ms) > 100_000:
-                del self.lags_ms[:50_000]
+            now = time.monotonic()
+            self.samples.append((now, max(0.0, (now - start - self.period_s) * 1000)))
 
-    def percentile(self, q: float) -> float | None:
-        return float(np.percentile(self.lags_ms, q)) if self.lags_ms else None
+    def since(self, moment: float) -> list[float]:
+        return [lag for at, lag in self.samples if at >= moment]
+
+    def percentile(self, q: float, since: float = 0.0) -> float | None:
+        lags = self.since(since)
+        return float(np.percentile(lags, q)) if lags else None
 
 
 class Daemon:
@@ -160,6 +164,10 @@ class Daemon:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
+    def stop(self) -> None:
+        """Ask a running daemon to stop (what SIGTERM does)."""
+        self._stop.set()
+
     async def run(self) -> dict[str, Any]:
         self.exit_code = 0
         loop = asyncio.get_running_loop()
@@ -177,7 +185,7 @@ class Daemon:
         await self._load_champion(version)
         self.continual = ContinualTrainer(self.writer, self.config, self.registry, self.forecaster,
                                           self.publisher, self.state_dir)
-        self.continual.loop_lags_ms = self.lag.lags_ms
+        self.continual.lag_monitor = self.lag
         self._start("loop_lag", self.lag.run())
         self._start("forecast", self.forecaster.run())
         self._start("continual", self.continual.run())
@@ -207,8 +215,7 @@ class Daemon:
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval_s or 10
         while True:
-            writer_alive = self.writer._thread is not None and self.writer._thread.is_alive()
-            if writer_alive and "ingest" in self._tasks and not self._tasks["ingest"].done():
+            if self.writer.alive and "ingest" in self._tasks and not self._tasks["ingest"].done():
                 self.notifier.watchdog()
             await asyncio.sleep(interval)
 

@@ -87,6 +87,11 @@ class StoreWriter:
         self._thread.join()
         self._thread = None
 
+    @property
+    def alive(self) -> bool:
+        """The writer thread runs (a dead writer means nothing is stored: the watchdog must notice)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def __enter__(self) -> StoreWriter:
         return self.start()
 

@@ -74,7 +74,7 @@ async def run_demo(args: argparse.Namespace) -> dict:
         task = asyncio.create_task(daemon.run())
         done, _ = await asyncio.wait([task], timeout=args.minutes * 60)
         if not done:
-            daemon._stop.set()
+            daemon.stop()
         summary = await task
         summary["database"] = str(config.storage.snapshot_path)
         return summary
