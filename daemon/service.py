@@ -176,13 +176,19 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.writer = await asyncio.to_thread(self._writer().start)
-        self.started_candles = await self.writer.run(
-            lambda store: store.con.execute("SELECT count(*) FROM candles").fetchall()[0][0])
-        self.registry = ModelRegistry(self.state_dir / "models", self.config.model.keep_versions)
-        self._start_publisher()
-        self.forecaster = ForecastService(self.writer, self.config.forecast, self.config.model, self.publisher)
-        version = await asyncio.to_thread(bootstrap_champion, self.registry, self.config)
-        await self._load_champion(version)
+        try:
+            self.started_candles = await self.writer.run(
+                lambda store: store.con.execute("SELECT count(*) FROM candles").fetchall()[0][0])
+            self.registry = ModelRegistry(self.state_dir / "models", self.config.model.keep_versions)
+            self._start_publisher()
+            self.forecaster = ForecastService(self.writer, self.config.forecast, self.config.model, self.publisher)
+            version = await asyncio.to_thread(bootstrap_champion, self.registry, self.config)
+            await self._load_champion(version)
+        except BaseException:
+            # e.g. the starting model cannot be loaded: close the store cleanly, say nothing is running
+            await self._stop_publisher()
+            await asyncio.to_thread(self.writer.close)
+            raise
         self.continual = ContinualTrainer(self.writer, self.config, self.registry, self.forecaster,
                                           self.publisher, self.state_dir)
         self.continual.lag_monitor = self.lag

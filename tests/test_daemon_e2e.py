@@ -234,3 +234,17 @@ def test_notify_never_blocks_when_nobody_reads(tmp_path):
     sent = [notifier.watchdog() for _ in range(5000)]  # far more than the socket buffer holds
     assert sent[0] is True and sent[-1] is False
     receiver.close()
+
+
+def test_unknown_symbol_or_bad_config_stops_with_exit_code_2(tmp_path, simulator):
+    config = daemon_config(tmp_path, simulator, 1, symbols=("FOOUSDT",), mqtt={"enabled": False})
+    daemon = Daemon(config)
+    assert daemon.process.wait(timeout=60) == 2  # RestartPreventExitStatus=2: systemd will not loop on it
+    daemon._reader.join(timeout=5)
+    text = json.dumps(daemon.lines)
+    assert "unknown symbol 'FOOUSDT'" in text and "Traceback" not in text
+    config.write_text("markets: {symbols: [BTCUSDT], intervals: [7h]}\n")
+    bad = Daemon(config)
+    assert bad.process.wait(timeout=60) == 2
+    bad._reader.join(timeout=5)
+    assert "7h" in json.dumps(bad.lines)

@@ -12,8 +12,11 @@ EXIT_CONFIG = 2
 
 
 def run(args: argparse.Namespace) -> int:
+    import structlog
+
     from daemon.config import load_config
     from daemon.logs import configure_service_logging
+    from daemon.market.rest import IpBannedError, RequestFailedError
     from daemon.service import Daemon
 
     configure_service_logging(args.log_level, json_lines=True if args.json_logs else None)
@@ -23,7 +26,12 @@ def run(args: argparse.Namespace) -> int:
     elif os.environ.get("STATE_DIRECTORY") and args.config is None:
         config.storage.state_dir = Path(os.environ["STATE_DIRECTORY"].split(":")[0])
     daemon = Daemon(config, Path(args.config) if args.config else None)
-    asyncio.run(daemon.run())
+    try:
+        asyncio.run(daemon.run())
+    except (IpBannedError, RequestFailedError) as exc:
+        # not a configuration error: systemd restarts the service after RestartSec
+        structlog.get_logger("daemon").error("exchange_unavailable", error=str(exc))
+        return 1
     return daemon.exit_code
 
 
