@@ -29,24 +29,13 @@ import structlog
 
 from storage.candles import dedupe_batch
 from storage.intervals import ceil_to_grid, format_ms, interval_ms
-from storage.schema import migrate
+from storage.schema import CANDLE_VALUE_COLUMNS, migrate
 
 log = structlog.get_logger("storage.store")
 
 _CHANGED_ANY = " OR ".join(
     f"candles.{name} IS DISTINCT FROM excluded.{name}"
-    for name in (
-        "close_time",
-        "open",
-        "high",
-        "low",
-        "close",
-        "volume",
-        "quote_volume",
-        "taker_buy_base",
-        "taker_buy_quote",
-        "trades",
-    )
+    for name in ("close_time", *CANDLE_VALUE_COLUMNS, "trades")
 )
 
 # The upsert touches a stored candle only when a value changed, so repeating a backfill changes

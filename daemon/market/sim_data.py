@@ -39,16 +39,6 @@ class SimClock:
         self.set(self.now_ms() + delta_ms)
 
 
-VALUE_COLUMNS = (
-    "open",
-    "high",
-    "low",
-    "close",
-    "volume",
-    "quote_volume",
-    "taker_buy_base",
-    "taker_buy_quote",
-)
 
 
 @dataclass
