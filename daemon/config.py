@@ -28,6 +28,8 @@ class ExchangeConfig(BaseModel):
     watchdog_s: float = Field(120.0, gt=0, description="reconnect a stream silent for this long")
     max_connection_age_s: float = Field(23.5 * 3600, gt=0, description="reconnect before Binance's 24 h cut")
     archive_min_candles: int = Field(5000, ge=1, description="holes at least this long use the archive first")
+    listing_check_s: float = Field(300.0, gt=0, description="re-read exchangeInfo this often: pause pairs that "
+                                                            "stop trading, resume them when they trade again")
 
 
 class StorageConfig(BaseModel):

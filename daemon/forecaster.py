@@ -6,6 +6,11 @@ the model under a running forecast: in-flight forecasts finish on the old model.
 time in a worker thread (torch releases the GIL; a single thread keeps the CPU free for ingest and for a
 fine-tune); when candles arrive faster than forecasts, only the newest closed candle of a pair is
 forecast.
+
+Forecasts only move forward: a candle at or before the newest origin already forecast for its pair (a
+duplicate, a re-sent older close, a candle forecast before a restart) is skipped, so neither the
+`forecasts` table nor the retained MQTT topic ever goes back to an older origin. The newest origins are
+read from the store at start (`load_newest_origins`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from daemon.config import ForecastConfig, ModelConfig
 from daemon.ledger import rolling_scores
 from daemon.mqtt import Publisher
 from kronos_model import Forecast, Kronos, KronosPredictor, KronosTokenizer
-from storage.forecasts import FORECAST_COLUMNS, insert_forecasts, insert_model_event
+from storage.forecasts import FORECAST_COLUMNS, insert_forecasts, insert_model_event, newest_forecast_origins
 from storage.intervals import interval_ms
 from storage.writer import StoreWriter
 
@@ -104,6 +109,8 @@ class ForecastService:
         self.publisher = publisher
         self.champion: Champion | None = None
         self._pending: dict[Pair, tuple[int, float]] = {}
+        self.newest_origin: dict[Pair, int] = {}  # the newest origin forecast (or being forecast) per pair
+        self.skipped_stale = 0
         self._wake = asyncio.Event()
         self.published = 0
         self.latencies_ms: list[float] = []
@@ -112,8 +119,17 @@ class ForecastService:
     def set_champion(self, version: str, tokenizer: KronosTokenizer, model: Kronos) -> None:
         self.champion = Champion(version, build_predictor(tokenizer, model, self.model_config))
 
+    async def load_newest_origins(self) -> None:
+        """The newest forecast origin per pair in the store: the floor for every later forecast."""
+        self.newest_origin.update(await self.writer.run(lambda store: newest_forecast_origins(store.con)))
+
     def on_candle(self, pair: Pair, open_time_ms: int) -> None:
         """Called when closed candles of `pair` were stored; the newest one is forecast."""
+        if open_time_ms <= self.newest_origin.get(pair, -1):
+            self.skipped_stale += 1
+            log.info("forecast_skipped", symbol=pair[0], interval=pair[1], origin=open_time_ms,
+                     reason="not newer than the newest forecast origin", newest=self.newest_origin[pair])
+            return
         current = self._pending.get(pair)
         if current is None or open_time_ms > current[0]:
             self._pending[pair] = (open_time_ms, time.monotonic())
@@ -156,6 +172,8 @@ class ForecastService:
         champion = self.champion  # read once: a swap during this forecast does not affect it
         if champion is None:
             return False
+        if origin_ms <= self.newest_origin.get(pair, -1):
+            return False
         config, step = self.forecast_config, interval_ms(interval)
         # twice the look-back in time, so a few missing candles still leave a full window
         start = origin_ms - 2 * config.lookback * step
@@ -171,12 +189,16 @@ class ForecastService:
         result = await asyncio.to_thread(forecast_window, champion, candles, step, config, seed)
         model_done = time.monotonic()
         issued = int(time.time() * 1000)
+        if origin_ms <= self.newest_origin.get(pair, -1):
+            return False  # a newer origin was forecast while this one ran
+        self.newest_origin[pair] = origin_ms
         rows = forecast_rows(result, symbol, interval, origin_ms, champion.version, issued)
         await self.writer.run(lambda store: insert_forecasts(store.con, rows))
         stored = time.monotonic()
         if self.publisher is not None:
             self.publisher.publish_forecast(symbol, interval, forecast_payload(result, symbol, interval, origin_ms,
-                                                                              champion.version, issued))
+                                                                              champion.version, issued),
+                                            origin_ms=origin_ms)
         self.published += 1
         if self.published % config.score_every == 0:
             await self.publish_scores()

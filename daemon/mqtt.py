@@ -35,6 +35,7 @@ class Publisher:
         self.config = config
         self.prefix = config.prefix.rstrip("/")
         self._retained: dict[str, bytes] = {}
+        self._origins: dict[str, int] = {}  # the newest forecast origin handed in per topic
         self._events: deque[bytes] = deque(maxlen=max_events)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
@@ -51,9 +52,17 @@ class Publisher:
     def forecast_topic(self, symbol: str, interval: str) -> str:
         return f"{self.prefix}/forecast/{symbol}/{interval}"
 
-    def publish_forecast(self, symbol: str, interval: str, payload: dict[str, Any]) -> None:
-        self._retained[self.forecast_topic(symbol, interval)] = json.dumps(payload).encode()
+    def publish_forecast(self, symbol: str, interval: str, payload: dict[str, Any], *, origin_ms: int) -> bool:
+        """Queue a forecast for its retained topic; refused (False) when it is older than the one before:
+        a retained topic must never go back in time."""
+        topic = self.forecast_topic(symbol, interval)
+        if origin_ms <= self._origins.get(topic, -1):
+            log.warning("stale_forecast_refused", topic=topic, origin_ms=origin_ms, newest_ms=self._origins[topic])
+            return False
+        self._origins[topic] = origin_ms
+        self._retained[topic] = json.dumps(payload).encode()
         self._wake.set()
+        return True
 
     def publish_event(self, kind: str, **fields: Any) -> None:
         self._events.append(json.dumps({"kind": kind, **fields}, default=str).encode())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -40,6 +41,18 @@ def _copy_tree_synced(source: Path, target: Path) -> None:
     _fsync_dir(target)
 
 
+# The names `add` gives versions: v<UTC time>-<first 8 hex digits of the manifest's sha256>.
+VERSION_PATTERN = re.compile(r"^v\d{8}T\d{6}-[0-9a-f]{8}$")
+
+
+def check_version_name(version: str) -> str:
+    """`version` if it has the registry's own form; never a path, so nothing outside the registry is reached."""
+    if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version):
+        raise ValueError(f"{str(version)[:80]!r} is not a model version name (expected e.g. v20250101T120000-1a2b3c4d; "
+                         "`kronosd models list` shows them)")
+    return version
+
+
 class ModelRegistry:
     def __init__(self, root: Path, keep_versions: int = 5):
         self.root = Path(root)
@@ -50,18 +63,28 @@ class ModelRegistry:
 
     def resolve(self, alias: str = "current") -> str | None:
         link = self.root / alias
-        return os.readlink(link) if link.is_symlink() else None
+        if not link.is_symlink():
+            return None
+        target = os.readlink(link)
+        try:
+            return check_version_name(target)
+        except ValueError:
+            raise ValueError(f"{link} points at {target!r}, not at a version of this registry; "
+                             "repair it with `kronosd models promote VERSION`") from None
 
     def path(self, version: str) -> Path:
-        return self.root / version
+        return self.root / check_version_name(version)
 
     def versions(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.is_symlink()
-                      and p.name.startswith("v"))
+                      and VERSION_PATTERN.fullmatch(p.name))
 
     def load(self, version: str) -> tuple[KronosTokenizer, Kronos]:
         """The pair of `version`, with every file checked against its manifest hash."""
-        return load_pair(self.path(version), verify=True)
+        path = self.path(version)
+        if path.is_symlink() or not path.is_dir():
+            raise FileNotFoundError(f"no model version {version} in {self.root}")
+        return load_pair(path, verify=True)
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -97,7 +120,8 @@ class ModelRegistry:
 
     def promote(self, version: str) -> None:
         """current -> version, previous -> what current was."""
-        if not self.path(version).is_dir():
+        path = self.path(version)
+        if path.is_symlink() or not path.is_dir():
             raise FileNotFoundError(f"no model version {version} in {self.root}")
         old = self.resolve("current")
         if old and old != version:

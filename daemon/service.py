@@ -5,15 +5,25 @@ Signals: SIGHUP reloads config.yaml (an invalid file keeps the running config) a
 `current` model; SIGTERM/SIGINT stop within 10 s: stop the trainer, stop ingest, flush the writer (and
 publish the final snapshot), publish `offline`. systemd hears READY, RELOADING (+ MONOTONIC_USEC), STOPPING
 and, while healthy, WATCHDOG.
+
+Supervision (the README's policy): every subsystem runs as a named task; one that dies of an unexpected
+error, or ends when it should not, is logged (`subsystem_failed`), counted and started again in-process
+after a backoff (1 s doubling to 60 s, back to 1 s once it has run a minute; an IP ban waits until the
+ban ends). Inside ingestion a failing pair is retried or paused alone, and a forecast that fails is
+logged and skipped, so one pair never stops the others. The process exits non-zero only for what it
+cannot recover from: the store cannot be written (exit 1), or the config is invalid at start (exit 2).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import stat
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +36,8 @@ from daemon.config import KronosConfig, load_config
 from daemon.continual import ContinualTrainer
 from daemon.forecaster import ForecastService
 from daemon.market.live import LiveIngestor
-from daemon.market.rest import BinanceRestClient
+from daemon.market.rejects import RejectLog
+from daemon.market.rest import BinanceRestClient, IpBannedError
 from daemon.mqtt import Publisher
 from daemon.notify import Notifier
 from daemon.registry import ModelRegistry
@@ -36,6 +47,29 @@ from storage.forecasts import forecast_error_summary, insert_model_event
 from storage.writer import StoreWriter
 
 log = structlog.get_logger("daemon.service")
+
+RESTART_BACKOFF_S = (1.0, 60.0)  # first delay, ceiling
+HEALTHY_RUN_S = 60.0  # a task that ran this long before failing starts again from the first delay
+STATE_DIR_MODE = 0o750  # the service's group may read the store and the snapshot (README: systemd)
+
+
+class StoreUnwritableError(RuntimeError):
+    """The writer thread is gone: nothing the daemon does can be kept, so it exits for systemd to restart."""
+
+
+def warn_about_exposed_secrets(config: KronosConfig, config_path: Path | None) -> bool:
+    """A config file holding the MQTT password that other users can read gets a warning (it still starts)."""
+    if config_path is None or not config.mqtt.password:
+        return False
+    try:
+        mode = config_path.stat().st_mode
+    except OSError:
+        return False
+    if mode & stat.S_IROTH:
+        log.warning("config_world_readable", path=str(config_path), mode=oct(stat.S_IMODE(mode)),
+                    hint=f"it holds the MQTT password; chmod 640 {config_path} (or 600)")
+        return True
+    return False
 
 
 def bootstrap_champion(registry: ModelRegistry, config: KronosConfig) -> str:
@@ -88,6 +122,11 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._tasks: dict[str, asyncio.Task] = {}
+        self._factories: dict[str, Callable[[], Coroutine[Any, Any, Any]]] = {}
+        self._started_at: dict[str, float] = {}
+        self._failures: Counter[str] = Counter()
+        self.restarts: Counter[str] = Counter()
+        self.rejects = RejectLog()
         self.lag = LoopLagMonitor()
         self.started_candles = 0
         self.reloads = 0
@@ -104,32 +143,61 @@ class Daemon:
         self.forecaster.on_candle(pair, newest_open_time)
         self.continual.on_candle(pair, newest_open_time)
 
-    def _start(self, name: str, coroutine) -> None:
-        task = asyncio.create_task(coroutine, name=name)
+    def _start(self, name: str, factory: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Run `factory()` as the supervised task `name` (see the module docstring for the policy)."""
+        self._factories[name] = factory
+        self._started_at[name] = time.monotonic()
+        task = asyncio.create_task(factory(), name=name)
         task.add_done_callback(self._task_done)
         self._tasks[name] = task
 
     def _task_done(self, task: asyncio.Task) -> None:
-        if task.cancelled() or self._stop.is_set():
+        name = task.get_name()
+        if task.cancelled() or self._stop.is_set() or self._tasks.get(name) is not task:
             return
         error = task.exception()
-        if error is not None:
-            # a dead subsystem must not leave a zombie daemon that still pings the watchdog
-            log.error("subsystem_failed", task=task.get_name(), error=repr(error))
+        if not self.writer.alive or isinstance(error, StoreUnwritableError):
+            # Nothing can be stored: a zombie daemon that still pings the watchdog would be worse than none.
+            log.error("store_unwritable", task=name, error=repr(error))
             self.exit_code = 1
             self._stop.set()
+            return
+        if time.monotonic() - self._started_at.get(name, 0.0) >= HEALTHY_RUN_S:
+            self._failures[name] = 0
+        self._failures[name] += 1
+        self.restarts[name] += 1
+        first, ceiling = RESTART_BACKOFF_S
+        delay = min(ceiling, first * 2 ** (self._failures[name] - 1))
+        if isinstance(error, IpBannedError):
+            delay = max(delay, error.until_s - time.time())
+        log.error("subsystem_failed", task=name, error=repr(error) if error else "ended unexpectedly",
+                  restart_in_s=round(delay, 1), restarts=self.restarts[name])
+        asyncio.get_running_loop().call_later(delay, self._restart, name, task)
+
+    def _restart(self, name: str, failed: asyncio.Task) -> None:
+        if self._stop.is_set() or self._tasks.get(name) is not failed:
+            return  # stopping, or replaced meanwhile (a reload restarted it)
+        log.info("subsystem_restarted", task=name, restarts=self.restarts[name])
+        self._start(name, self._factories[name])
 
     async def _start_ingest(self) -> None:
         pairs = self.config.markets.pairs
         for symbol, interval in pairs:
             await self.rest.validate(symbol, interval)  # unknown symbol/interval: a clear error, nothing fetched
         await self.rest.sync_time()
-        history_ms = int(self.config.markets.history_days * 86_400_000)
-        self.ingestor = LiveIngestor(self.writer, self.rest, pairs, stream_settings(self.config),
-                                     initial_start_ms=lambda: self.rest.server_now_ms() - history_ms,
-                                     on_stored=self._on_stored)
-        self._start("ingest", self.ingestor.run())
+        self._start("ingest", self._ingest)
         log.info("ingest_started", pairs=[f"{s}/{i}" for s, i in pairs])
+
+    async def _ingest(self) -> None:
+        """One life of live ingestion; a fresh ingestor each time the supervisor starts it again."""
+        if not self.writer.alive:
+            raise StoreUnwritableError("the store writer has stopped")
+        history_ms = int(self.config.markets.history_days * 86_400_000)
+        self.ingestor = LiveIngestor(self.writer, self.rest, self.config.markets.pairs, stream_settings(self.config),
+                                     initial_start_ms=lambda: self.rest.server_now_ms() - history_ms,
+                                     on_stored=self._on_stored, rejects=self.rejects,
+                                     listing_check_s=self.config.exchange.listing_check_s)
+        await self.ingestor.run()
 
     async def _stop_ingest(self) -> None:
         task = self._tasks.pop("ingest", None)
@@ -144,7 +212,7 @@ class Daemon:
     def _start_publisher(self) -> None:
         self.publisher = Publisher(self.config.mqtt) if self.config.mqtt.enabled else None
         if self.publisher is not None:
-            self._start("mqtt", self.publisher.run())
+            self._start("mqtt", self.publisher.run)
 
     async def _stop_publisher(self) -> None:
         task = self._tasks.pop("mqtt", None)
@@ -174,7 +242,10 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        warn_about_exposed_secrets(self.config, self.config_path)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(PermissionError):  # not ours to change (e.g. a shared directory)
+            os.chmod(self.state_dir, STATE_DIR_MODE)
         self.writer = await asyncio.to_thread(self._writer().start)
         try:
             self.started_candles = await self.writer.run(
@@ -184,6 +255,7 @@ class Daemon:
             self.forecaster = ForecastService(self.writer, self.config.forecast, self.config.model, self.publisher)
             version = await asyncio.to_thread(bootstrap_champion, self.registry, self.config)
             await self._load_champion(version)
+            await self.forecaster.load_newest_origins()
         except BaseException:
             # e.g. the starting model cannot be loaded: close the store cleanly, say nothing is running
             await self._stop_publisher()
@@ -192,15 +264,17 @@ class Daemon:
         self.continual = ContinualTrainer(self.writer, self.config, self.registry, self.forecaster,
                                           self.publisher, self.state_dir)
         self.continual.lag_monitor = self.lag
-        self._start("loop_lag", self.lag.run())
-        self._start("forecast", self.forecaster.run())
-        self._start("continual", self.continual.run())
+        self._start("loop_lag", self.lag.run)
+        self._start("forecast", self.forecaster.run)
+        self._start("continual", self.continual.run)
+        self._start("store_watch", self._watch_store)
         try:
-            async with BinanceRestClient(rest_settings(self.config, self.config.storage.snapshot_path)) as self.rest:
+            settings = rest_settings(self.config, self.config.storage.snapshot_path)
+            async with BinanceRestClient(settings, rejects=self.rejects) as self.rest:
                 await self._start_ingest()
                 self.notifier.ready(f"forecasting {len(self.config.markets.pairs)} pairs with {version}")
                 if self.notifier.watchdog_interval_s:
-                    self._start("watchdog", self._watchdog())
+                    self._start("watchdog", self._watchdog)
                 log.info("daemon_ready", model_version=version, state_dir=str(self.state_dir))
                 while not self._stop.is_set():
                     waiters = [asyncio.create_task(self._stop.wait()), asyncio.create_task(self._reload.wait())]
@@ -218,10 +292,18 @@ class Daemon:
                     await self._shutdown()
             raise
 
+    async def _watch_store(self) -> None:
+        """The writer thread dying (disk gone, database broken) is the one failure nothing here can heal."""
+        while self.writer.alive:
+            await asyncio.sleep(1.0)
+        raise StoreUnwritableError("the store writer has stopped")
+
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval_s or 10
         while True:
-            if self.writer.alive and "ingest" in self._tasks and not self._tasks["ingest"].done():
+            # The loop turns and the store takes writes; failed subsystems are the supervisor's business
+            # (a restart after an IP ban can wait longer than WatchdogSec).
+            if self.writer.alive:
                 self.notifier.watchdog()
             await asyncio.sleep(interval)
 
@@ -272,7 +354,7 @@ class Daemon:
         log.info("daemon_stopping")
         await self.continual.stop_training()
         await self._stop_ingest()
-        for name in ("continual", "forecast", "watchdog"):
+        for name in ("continual", "forecast", "watchdog", "store_watch"):
             task = self._tasks.pop(name, None)
             if task is not None:
                 task.cancel()
@@ -304,4 +386,7 @@ class Daemon:
             "forecast_latency_ms_p50": float(np.percentile(lat, 50)) if lat else None,
             "loop_lag_ms_p99": self.lag.percentile(99),
             "mqtt_published": self.publisher.published if self.publisher else 0,
+            "rejected_inputs": self.rejects.summary(),
+            "subsystem_restarts": dict(self.restarts),
+            "stale_candles_skipped": self.forecaster.skipped_stale,
         }

@@ -25,6 +25,8 @@ _MICROSECOND_THRESHOLD = 10**13
 _NAME_PATTERN = re.compile(r"^([A-Z0-9]{3,})[-_](\d+[smhdwM])(?:[-_.]|$)")
 _INTERVAL_PATTERN = re.compile(r"[-_](\d+[smhdwM])(?:[-_.]|$)")
 _EXAMPLES = 5
+# The largest monthly 1s file Binance publishes unpacks to about 200 MB.
+MAX_MEMBER_BYTES = 1 << 30
 
 
 class BadKlineFile(ValueError):
@@ -77,11 +79,12 @@ def _read_raw(path: Path) -> pl.DataFrame:
     if name.endswith(".parquet"):
         return pl.read_parquet(path)
     if name.endswith(".zip"):
-        with zipfile.ZipFile(path) as archive:
-            members = [m for m in archive.namelist() if m.lower().endswith(".csv")]
-            if len(members) != 1:
-                raise BadKlineFile(f"{path}: expected one .csv inside the zip, found {members or 'none'}")
-            return _read_csv_bytes(archive.read(members[0]), f"{path}:{members[0]}")
+        try:
+            with zipfile.ZipFile(path) as archive:
+                content, source = _read_zip_member(archive, str(path))
+        except (zipfile.BadZipFile, EOFError) as exc:
+            raise BadKlineFile(f"{path}: not a readable zip ({exc})") from None
+        return _read_csv_bytes(content, source)
     if name.endswith(".csv.gz") or name.endswith(".gz"):
         with gzip.open(path, "rb") as handle:
             return _read_csv_bytes(handle.read(), str(path))
@@ -135,14 +138,32 @@ def read_kline_file(
     return check_kline_table(_read_raw(path), path, symbol, interval, allow_off_grid=allow_off_grid)
 
 
+def _read_zip_member(archive: zipfile.ZipFile, source: str) -> tuple[bytes, str]:
+    members = [m for m in archive.infolist() if m.filename.lower().endswith(".csv")]
+    if len(members) != 1:
+        names = [m.filename for m in members] or "none"
+        raise BadKlineFile(f"{source}: expected one .csv inside the zip, found {names}")
+    if members[0].file_size > MAX_MEMBER_BYTES:
+        raise BadKlineFile(f"{source}: {members[0].filename} unpacks to {members[0].file_size} bytes, more than "
+                           f"any kline file ({MAX_MEMBER_BYTES})")
+    return archive.read(members[0]), f"{source}:{members[0].filename}"
+
+
 def read_archive_zip(data: bytes, name: str, symbol: str, interval: str) -> tuple[pl.DataFrame, FileCheck]:
-    """A data.binance.vision zip (already checksum-verified) → candle batch with source 'archive'."""
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        members = [m for m in archive.namelist() if m.lower().endswith(".csv")]
-        if len(members) != 1:
-            raise BadKlineFile(f"{name}: expected one .csv inside the zip, found {members or 'none'}")
-        raw = _read_csv_bytes(archive.read(members[0]), f"{name}:{members[0]}")
-    frame, check = check_kline_table(raw, Path(name), symbol, interval, allow_off_grid=True)
+    """A data.binance.vision zip (already checksum-verified) → candle batch with source 'archive'.
+
+    Any bytes in: a candle batch out, or BadKlineFile saying what is wrong (a truncated or corrupt zip,
+    a CSV that is not a kline table); never another exception."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            content, source = _read_zip_member(archive, name)
+        raw = _read_csv_bytes(content, source)
+        frame, check = check_kline_table(raw, Path(name), symbol, interval, allow_off_grid=True)
+    except BadKlineFile:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError, RuntimeError,
+            ValueError, pl.exceptions.PolarsError, UnicodeDecodeError) as exc:
+        raise BadKlineFile(f"{name}: not a readable kline archive ({type(exc).__name__}: {str(exc)[:200]})") from None
     return frame.with_columns(pl.lit("archive").alias("source")), check
 
 

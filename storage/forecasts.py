@@ -30,6 +30,14 @@ def insert_forecasts(con: duckdb.DuckDBPyConnection, frame: pl.DataFrame) -> int
     return frame.height
 
 
+def newest_forecast_origins(con: duckdb.DuckDBPyConnection) -> dict[tuple[str, str], int]:
+    """The newest forecast origin (ms) per (symbol, interval)."""
+    rows = con.execute(
+        "SELECT symbol, interval, epoch_ms(max(origin_time)) FROM forecasts GROUP BY symbol, interval"
+    ).fetchall()
+    return {(symbol, interval): int(newest) for symbol, interval, newest in rows}
+
+
 def insert_model_event(con: duckdb.DuckDBPyConnection, kind: str, model_version: str | None = None,
                        champion_version: str | None = None, run_id: str | None = None,
                        details: dict[str, Any] | None = None) -> None:

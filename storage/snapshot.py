@@ -16,6 +16,7 @@ import duckdb
 
 # Storage format of published snapshots: readable by DuckDB >= 1.4.0, not only by 2.x.
 SNAPSHOT_STORAGE_VERSION = "v1.4.0"
+SNAPSHOT_MODE = 0o640
 
 
 def _fsync_file(path: Path) -> None:
@@ -52,6 +53,8 @@ def publish_snapshot(
     finally:
         # DETACH checkpoints the copy, so no .wal is left next to it.
         con.execute(f"DETACH {alias}")
+    # Readable by the service's group (who query it), by nobody else, whatever the process umask.
+    os.chmod(temp, SNAPSHOT_MODE)
     _fsync_file(temp)
     os.replace(temp, target)
     _fsync_dir(target.parent)

@@ -209,6 +209,9 @@ def test_continual_finetune_promotes_a_better_challenger_rejects_a_broken_one_an
         assert ready["model_version"] == current
         restarted.wait_event("forecast_published", 60, count=3)
         assert restarted.stop() == 0
+    except BaseException:
+        restarted.dump()
+        raise
     finally:
         if restarted.process.poll() is None:
             restarted.kill()

@@ -21,6 +21,8 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no model registry at {root}; has the daemon run with this state directory?")
     registry = ModelRegistry(root)
     if args.action == "promote":
+        if not args.version:
+            raise ValueError("models promote needs a VERSION (see `kronosd models list`)")
         registry.load(args.version)  # refuse a version whose files do not match its manifest
         registry.promote(args.version)
         print(f"current -> {args.version}; send SIGHUP (systemctl reload kronosd) to a running daemon")

@@ -21,6 +21,7 @@ import aiohttp
 import polars as pl
 import structlog
 
+from daemon.market.rejects import Rejection, RejectLog
 from storage.files import BadKlineFile, read_archive_zip
 from storage.writer import StoreWriter
 
@@ -92,7 +93,9 @@ class ArchiveClient:
         timeout_s: float = 60.0,
         max_retries: int = 3,
         backoff_base_s: float = 0.5,
+        rejects: RejectLog | None = None,
     ) -> None:
+        self.rejects = rejects or RejectLog()
         self.base_url = base_url.rstrip("/")
         self.concurrency, self.timeout_s = concurrency, timeout_s
         self.max_retries, self.backoff_base_s = max_retries, backoff_base_s
@@ -133,10 +136,13 @@ class ArchiveClient:
             data = await self._get(url, report) if checksum is not None else None
             if checksum is None or data is None:
                 return None
-            expected = checksum.decode().split()[0].lower()
+            words = checksum.decode("ascii", errors="replace").split()
+            expected = words[0].lower() if words else ""
             if hashlib.sha256(data).hexdigest() == expected:
                 return data
-            log.warning("archive_checksum_mismatch", url=url)
+            self.rejects.reject("archive", Rejection(
+                "checksum_mismatch" if len(expected) == 64 else "bad_checksum_file",
+                f"{url}: sha256 {hashlib.sha256(data).hexdigest()[:16]}… vs CHECKSUM {checksum[:80]!r}"))
         raise ArchiveChecksumError(f"{url}: sha256 does not match its .CHECKSUM after a re-download")
 
     async def import_range(
@@ -164,6 +170,8 @@ class ArchiveClient:
                     frame, _ = read_archive_zip(data, file.name, symbol, interval)
                 except (ArchiveChecksumError, BadKlineFile, RuntimeError) as exc:
                     # REST fills whatever this file would have covered.
+                    if isinstance(exc, BadKlineFile):
+                        self.rejects.reject("archive", Rejection("bad_file", str(exc)))
                     report.files_failed.append(f"{file.name}: {exc}")
                     log.warning("archive_file_skipped", file=file.name, error=str(exc))
                     return

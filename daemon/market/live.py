@@ -5,6 +5,15 @@ held while a REST backfill runs from the last stored candle up to the last close
 then the buffer is drained through the same idempotent upsert and the pairs go live. A closed
 candle that does not follow the previous one (a gap inside a connection) triggers the same
 resynchronisation. Interim (`x=false`) updates are never stored.
+
+Ordering: a pair's `on_stored` only ever moves forward. A closed candle at or before the newest one
+already known (a duplicate, a re-sent older close, a late reordered one) is counted and dropped: the
+store already holds it (backfills work from the store, so nothing behind the newest candle is missing).
+
+Isolation: a symbol that stops trading (delisted, BREAK; seen in exchangeInfo, re-read every
+`listing_check_s`, or in a REST refusal) pauses that pair alone, and it resumes with a resync when it
+trades again. A failed resync of one pair is retried with backoff without touching the others. Only what
+no retry can fix here (an IP ban, a host that refuses us) ends `run()`; the service decides what then.
 """
 
 from __future__ import annotations
@@ -18,7 +27,8 @@ import structlog
 
 from daemon.market.backfill import backfill
 from daemon.market.klines import ws_rows_to_candles
-from daemon.market.rest import BinanceRestClient, IpBannedError
+from daemon.market.rejects import Rejection, RejectLog
+from daemon.market.rest import BinanceRestClient, ExchangeConfigError, IpBannedError, SymbolUnavailableError
 from daemon.market.websocket import KlineConnection, StreamSettings, split_pairs
 from storage.intervals import interval_ms
 from storage.writer import StoreWriter
@@ -38,13 +48,19 @@ class LiveIngestor:
         *,
         initial_start_ms: Callable[[], int],
         resync_retry_s: float = 5.0,
+        listing_check_s: float = 300.0,
         on_stored: Callable[[Pair, int], None] | None = None,
+        rejects: RejectLog | None = None,
     ) -> None:
         self.writer, self.rest, self.settings = writer, rest, settings
         self.pairs = [(symbol.upper(), interval) for symbol, interval in pairs]
         self.initial_start_ms = initial_start_ms
         self.resync_retry_s = resync_retry_s
         self.on_stored = on_stored
+        self.listing_check_s = listing_check_s
+        self.rejects = rejects or rest.rejects
+        self.paused: dict[Pair, str] = {}  # pair → why it is not trading
+        self.notified: dict[Pair, int] = {}  # the newest open time handed to on_stored, per pair
         self.buffers: dict[Pair, list[dict[str, Any]] | None] = dict.fromkeys(self.pairs)
         self.last_closed: dict[Pair, int | None] = dict.fromkeys(self.pairs)
         self.resyncs = 0
@@ -54,17 +70,17 @@ class LiveIngestor:
         self._late_handled: dict[Pair, int] = {}
         self.late_closes = 0  # candles fetched through REST because their close event never came
         self.connections = [
-            KlineConnection(group, settings, self._on_row, self._on_connect) for group in split_pairs(self.pairs)
+            KlineConnection(group, settings, self._on_row, self._on_connect, self.rejects)
+            for group in split_pairs(self.pairs)
         ]
 
     async def run(self) -> None:
         """Run until stop(); re-raises what made ingestion impossible (a ban, a refused host)."""
-        watch = asyncio.create_task(self._watch_closes())
+        watchers = [asyncio.create_task(self._watch_closes()), asyncio.create_task(self._watch_listing())]
         try:
             await asyncio.gather(*(connection.run() for connection in self.connections))
         finally:
-            watch.cancel()
-            for task in self._resync_tasks.values():
+            for task in [*watchers, *self._resync_tasks.values()]:
                 task.cancel()
         if self._fatal is not None:
             raise self._fatal
@@ -79,6 +95,8 @@ class LiveIngestor:
             self._start_resync(pair)
 
     def _start_resync(self, pair: Pair) -> None:
+        if pair in self.paused:
+            return
         if self.buffers[pair] is None:
             self.buffers[pair] = []
         running = self._resync_tasks.get(pair)
@@ -90,11 +108,18 @@ class LiveIngestor:
         pair = (row["symbol"], row["interval"])
         if pair not in self.buffers or not row["is_closed"]:
             return
+        if pair in self.paused:
+            self.rejects.reject("websocket", Rejection("pair_not_trading", f"{pair}: {self.paused[pair]}"))
+            return
         buffer = self.buffers[pair]
         if buffer is not None:
             buffer.append(row)
             return
         last = self.last_closed[pair]
+        if last is not None and row["open_time"] <= last:
+            self.rejects.reject("websocket", Rejection(
+                "stale_close", f"{pair[0]} {pair[1]} close of {row['open_time']} at or before the newest {last}"))
+            return
         if last is not None and row["open_time"] > last + interval_ms(pair[1]):
             log.warning("ws_candle_gap", pair=pair, after=last, got=row["open_time"])
             self._start_resync(pair)
@@ -114,7 +139,7 @@ class LiveIngestor:
                     continue
                 for pair in connection.pairs:
                     last = self.last_closed[pair]
-                    if self.buffers[pair] is not None or last is None:
+                    if self.buffers[pair] is not None or last is None or pair in self.paused:
                         continue
                     step = interval_ms(pair[1])
                     overdue = last + step  # opens here, closes at + step - 1
@@ -124,19 +149,49 @@ class LiveIngestor:
                         log.warning("close_event_missing", pair=pair, open_time=overdue)
                         self._start_resync(pair)
 
+    async def _watch_listing(self) -> None:
+        """Re-read exchangeInfo now and then: pause pairs whose symbol stopped trading, resume the rest."""
+        while True:
+            await asyncio.sleep(self.listing_check_s)
+            try:
+                statuses = await self.rest.symbol_statuses(refresh=True)
+            except (OSError, RuntimeError, TimeoutError, ExchangeConfigError) as exc:
+                log.warning("listing_check_failed", error=str(exc))
+                continue
+            for pair in self.pairs:
+                status = statuses.get(pair[0], "not listed")
+                if status != "TRADING" and pair not in self.paused:
+                    self._pause(pair, f"status {status} in exchangeInfo")
+                elif status == "TRADING" and pair in self.paused:
+                    del self.paused[pair]
+                    log.info("pair_resumed", pair=pair)
+                    self._start_resync(pair)
+
+    def _pause(self, pair: Pair, why: str) -> None:
+        self.paused[pair] = why
+        self.buffers[pair] = None
+        self.rejects.reject("exchange_info", Rejection("pair_not_trading", f"{pair[0]} {pair[1]}: {why}"))
+        log.warning("pair_paused", pair=pair, reason=why)
+
     async def _store(self, rows: list[dict[str, Any]], pair: Pair) -> None:
         if not rows:
             return
         await self.writer.upsert(ws_rows_to_candles(rows))
         newest = max(row["open_time"] for row in rows)
         self.last_closed[pair] = max(self.last_closed[pair] or newest, newest)
+        self._notify(pair, newest)
+
+    def _notify(self, pair: Pair, newest: int) -> None:
+        """Tell on_stored about a new newest candle; never about one at or before the last it heard of."""
+        if newest <= self.notified.get(pair, -1):
+            return
+        self.notified[pair] = newest
         if self.on_stored:
             self.on_stored(pair, newest)
 
     # -- resynchronisation ----------------------------------------------------------------------
     async def _resync(self, pair: Pair) -> None:
         symbol, interval = pair
-        known_before = self.last_closed[pair]
         attempt = 0
         while True:
             try:
@@ -144,14 +199,19 @@ class LiveIngestor:
                 start = last + interval_ms(interval) if last is not None else self.initial_start_ms()
                 report = await backfill(self.writer, self.rest, symbol, interval, start, source="rest")
                 break
-            except (IpBannedError, ValueError) as exc:
-                # Retrying cannot help (banned, restricted location, unknown symbol): stop everything
-                # and let the owner report it.
+            except SymbolUnavailableError as exc:
+                # This symbol alone: pause it; the listing watch resumes it when it trades again.
+                self._pause(pair, str(exc))
+                return
+            except (IpBannedError, ExchangeConfigError) as exc:
+                # Retrying here cannot help (banned, restricted location): stop and let the owner decide.
                 log.error("live_ingestion_stopped", pair=pair, error=str(exc))
                 self._fatal = exc
                 await self.stop()
                 return
-            except (OSError, RuntimeError, TimeoutError) as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # transient, or a bug: retried with backoff, the other pairs go on
                 attempt += 1
                 delay = min(60.0, self.resync_retry_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
                 log.warning("resync_retry", pair=pair, error=str(exc), delay_s=round(delay, 3))
@@ -168,6 +228,6 @@ class LiveIngestor:
         log.info("resynced", pair=pair, backfilled=report.rows_received, drained=len(buffered))
         if buffered:
             await self._store(buffered, pair)
-        elif last is not None and (known_before is None or last > known_before) and self.on_stored:
-            # The newest candle came through REST: whoever follows the stream must still hear of it.
-            self.on_stored(pair, last)
+        if self.last_closed[pair] is not None:
+            # The newest candle may have come through REST: whoever follows the stream must still hear of it.
+            self._notify(pair, self.last_closed[pair])

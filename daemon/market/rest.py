@@ -27,7 +27,8 @@ import aiohttp
 import polars as pl
 import structlog
 
-from daemon.market.klines import rest_rows_to_candles
+from daemon.market.klines import parse_rest_klines
+from daemon.market.rejects import Rejection, RejectLog
 from storage.intervals import format_ms, interval_ms
 
 log = structlog.get_logger("daemon.market.rest")
@@ -43,6 +44,14 @@ _WINDOW_LETTER = {"SECOND": "S", "MINUTE": "M", "HOUR": "H", "DAY": "D"}
 
 class ExchangeConfigError(ValueError):
     """The request can never succeed as configured (restricted location, unknown symbol, …)."""
+
+
+class SymbolUnavailableError(ExchangeConfigError):
+    """One symbol cannot be traded or fetched (unknown, delisted, in BREAK); other pairs are unaffected."""
+
+
+class MalformedResponseError(RuntimeError):
+    """A 200 answer whose body is not what the endpoint returns (an HTML page, truncated JSON, …)."""
 
 
 class IpBannedError(RuntimeError):
@@ -124,8 +133,10 @@ class WeightBudget:
 class BinanceRestClient:
     """Use as `async with BinanceRestClient(settings) as rest:`."""
 
-    def __init__(self, settings: RestSettings | None = None) -> None:
+    def __init__(self, settings: RestSettings | None = None, rejects: RejectLog | None = None) -> None:
         self.settings = settings or RestSettings()
+        self.rejects = rejects or RejectLog()
+        self._newest_server_ms: int | None = None
         self.base_url = self.settings.base_url.rstrip("/")
         self.budget = WeightBudget(share=self.settings.weight_share)
         self.stats = RestStats()
@@ -189,15 +200,19 @@ class BinanceRestClient:
             if reported is not None and reported.isdigit():
                 self.stats.peak_used_weight = max(self.stats.peak_used_weight, int(reported))
             if status == 200:
-                return json.loads(body)
+                parsed = self._decode(body, response.headers.get("Content-Type", ""), path)
+                if isinstance(parsed, Rejection):
+                    attempt = await self._retry_or_fail(attempt, url, parsed.detail)
+                    continue
+                return parsed
             if status == 429:
-                wait = float(retry_after) if retry_after else 1.0
+                wait = _seconds(retry_after, 1.0)
                 self.stats.rate_limited += 1
                 log.warning("rate_limited", url=url, retry_after_s=wait)
                 await asyncio.sleep(wait)
                 continue
             if status == 418:
-                until = time.time() + (float(retry_after) if retry_after else 120.0)
+                until = time.time() + _seconds(retry_after, 120.0)
                 self._remember_ban(until)
                 raise IpBannedError(until, self.base_url)
             if status in (451, 403):
@@ -210,7 +225,29 @@ class BinanceRestClient:
             if status >= 500:
                 attempt = await self._retry_or_fail(attempt, url, f"HTTP {status}")
                 continue
-            raise ExchangeConfigError(f"Binance rejected {path} {params or ''}: HTTP {status} {_error_text(body)}")
+            text = _error_text(body)
+            if "code -1121" in text:  # Invalid symbol: delisted since it was validated
+                raise SymbolUnavailableError(f"{(params or {}).get('symbol')} is no longer listed on {self.base_url}")
+            raise ExchangeConfigError(f"Binance rejected {path} {params or ''}: HTTP {status} {text}")
+
+    def _decode(self, body: bytes, content_type: str, path: str) -> Any:
+        """A 200 body as JSON, or a counted Rejection (retried like a 5xx: proxies and overloaded
+        front ends answer 200 with an HTML page, and a reset can truncate a body)."""
+        if content_type and "json" not in content_type.lower():
+            rejection = Rejection("wrong_content_type", f"{path}: HTTP 200 with Content-Type {content_type[:60]!r}: "
+                                                        f"{body[:80]!r}")
+        else:
+            try:
+                return json.loads(body)
+            except (ValueError, RecursionError):
+                rejection = Rejection("not_json", f"{path}: HTTP 200 with a body that is not JSON ({len(body)} "
+                                                  f"bytes): {body[:80]!r}")
+        self.rejects.reject("rest", rejection)
+        return rejection
+
+    def _malformed(self, reason: str, detail: str) -> MalformedResponseError:
+        self.rejects.reject("rest", Rejection(reason, detail))
+        return MalformedResponseError(detail)
 
     async def _retry_or_fail(self, attempt: int, url: str, reason: str) -> int:
         if attempt >= self.settings.max_retries:
@@ -227,38 +264,60 @@ class BinanceRestClient:
         sent = time.time()
         body = await self.request("/api/v3/time", weight=1)
         received = time.time()
-        self.server_offset_ms = int(body["serverTime"] - (sent + received) / 2 * 1000)
+        server_time = body.get("serverTime") if isinstance(body, dict) else None
+        if isinstance(server_time, bool) or not isinstance(server_time, int):
+            raise self._malformed("bad_server_time", f"/api/v3/time answered {str(body)[:80]}")
+        if self._newest_server_ms is not None and server_time < self._newest_server_ms - 1000:
+            # Taken as it is (fewer candles count as closed, which is safe), but worth a line in the log.
+            self.rejects.reject("exchange_clock", Rejection(
+                "clock_backwards", f"server time went back {self._newest_server_ms - server_time} ms"))
+        self._newest_server_ms = max(self._newest_server_ms or server_time, server_time)
+        self.server_offset_ms = int(server_time - (sent + received) / 2 * 1000)
         return self.server_offset_ms
 
     def server_now_ms(self) -> int:
         return int(time.time() * 1000) + self.server_offset_ms
 
-    async def exchange_info(self) -> dict[str, Any]:
-        if self._exchange_info is None:
+    async def exchange_info(self, *, refresh: bool = False) -> dict[str, Any]:
+        if self._exchange_info is None or refresh:
             info = await self.request("/api/v3/exchangeInfo", weight=20)
+            symbols = info.get("symbols") if isinstance(info, dict) else None
+            if not isinstance(symbols, list) or not all(isinstance(entry, dict) for entry in symbols):
+                raise self._malformed("bad_exchange_info", f"exchangeInfo without a symbols list: {str(info)[:80]}")
             for limit in info.get("rateLimits", []):
-                if limit.get("rateLimitType") == "REQUEST_WEIGHT":
-                    number, unit = int(limit["intervalNum"]), limit["interval"]
-                    self.budget.limit = int(limit["limit"])
-                    self.budget.window_s = _WINDOW_SECONDS[unit] * number
-                    self.budget.header = f"X-MBX-USED-WEIGHT-{number}{_WINDOW_LETTER[unit]}"
-                    self.stats.weight_limit = self.budget.limit
-                    # The header name depends on the window, so this reply's count is read only now.
-                    self.budget.settle(0, self.last_headers.get(self.budget.header))
+                if not isinstance(limit, dict) or limit.get("rateLimitType") != "REQUEST_WEIGHT":
+                    continue
+                try:
+                    number, unit, value = int(limit["intervalNum"]), limit["interval"], int(limit["limit"])
+                    if unit not in _WINDOW_SECONDS or number <= 0 or value <= 0:
+                        raise ValueError(unit)
+                except (KeyError, TypeError, ValueError):
+                    self.rejects.reject("exchange_info", Rejection("bad_rate_limit", f"ignored {str(limit)[:80]}"))
+                    continue
+                self.budget.limit = value
+                self.budget.window_s = _WINDOW_SECONDS[unit] * number
+                self.budget.header = f"X-MBX-USED-WEIGHT-{number}{_WINDOW_LETTER[unit]}"
+                self.stats.weight_limit = self.budget.limit
+                # The header name depends on the window, so this reply's count is read only now.
+                self.budget.settle(0, self.last_headers.get(self.budget.header))
             self._exchange_info = info
         return self._exchange_info
 
-    async def validate(self, symbol: str, interval: str) -> None:
+    async def symbol_statuses(self, *, refresh: bool = False) -> dict[str, str]:
+        info = await self.exchange_info(refresh=refresh)
+        return {entry["symbol"]: str(entry.get("status")) for entry in info["symbols"]
+                if isinstance(entry.get("symbol"), str)}
+
+    async def validate(self, symbol: str, interval: str, *, refresh: bool = False) -> None:
         """Refuse an unknown symbol or interval before any download."""
         interval_ms(interval)
-        info = await self.exchange_info()
-        statuses = {entry["symbol"]: entry.get("status") for entry in info.get("symbols", [])}
+        statuses = await self.symbol_statuses(refresh=refresh)
         if symbol not in statuses:
             close = [name for name in statuses if name.startswith(symbol[:3])][:5]
             hint = f"; similar: {', '.join(close)}" if close else ""
-            raise ExchangeConfigError(f"unknown symbol {symbol!r} on {self.base_url}{hint}")
+            raise SymbolUnavailableError(f"unknown symbol {symbol!r} on {self.base_url}{hint}")
         if statuses[symbol] != "TRADING":
-            raise ExchangeConfigError(f"{symbol} is not trading on {self.base_url} (status {statuses[symbol]})")
+            raise SymbolUnavailableError(f"{symbol} is not trading on {self.base_url} (status {statuses[symbol]})")
 
     async def klines(self, symbol: str, interval: str, start_ms: int, end_ms: int) -> list[list[Any]]:
         """One page: at most 1000 candles with open time in [start_ms, end_ms]."""
@@ -277,14 +336,27 @@ class BinanceRestClient:
         step = interval_ms(interval)
         cursor = start_ms
         while cursor < end_ms:
-            rows = await self.klines(symbol, interval, cursor, end_ms - 1)
-            if not rows:
+            body = await self.klines(symbol, interval, cursor, end_ms - 1)
+            page = parse_rest_klines(body, symbol, interval, cursor, end_ms - 1, server_now_ms=self.server_now_ms())
+            for rejection in page.rejections:
+                self.rejects.reject("rest", rejection, symbol=symbol, interval=interval)
+            if page.candles.height:
+                yield page.candles
+            # A short page is the end of the data; a page with nothing usable cannot move the cursor
+            # (what it should have held stays a hole, which the next backfill asks for again).
+            if page.received < KLINES_PAGE or page.newest_open_ms is None:
                 return
-            yield rest_rows_to_candles(rows, symbol, interval, server_now_ms=self.server_now_ms())
-            if len(rows) < KLINES_PAGE:
-                return
-            cursor = int(rows[-1][0]) + step
+            cursor = page.newest_open_ms + step
         log.debug("klines_paged", symbol=symbol, interval=interval, until=format_ms(end_ms))
+
+
+def _seconds(header: str | None, default: float) -> float:
+    """A Retry-After header in seconds; a missing or unreadable one means `default`."""
+    try:
+        value = float(header) if header else default
+    except ValueError:
+        return default
+    return min(value, 86_400.0) if value >= 0 and value == value else default
 
 
 def _error_text(body: bytes) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -24,11 +23,18 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from daemon.market.klines import stream_name, ws_event_to_row
+from daemon.market.klines import parse_ws_message, stream_name
+from daemon.market.rejects import Rejection, RejectLog
 
 log = structlog.get_logger("daemon.market.websocket")
 
 MAX_STREAMS_PER_CONNECTION = 1024
+# The websocket library closes a connection (code 1009) on a frame above this; the parser refuses frames
+# far below it, so only absurd ones cost a reconnect.
+MAX_MESSAGE_BYTES = 1024 * 1024
+# Events of one connection may arrive a little out of time order; a larger step back is the exchange's
+# clock jumping, which is counted and ignored (the connection's clock only moves forward).
+CLOCK_TOLERANCE_MS = 5_000
 
 
 @dataclass
@@ -68,6 +74,7 @@ class KlineConnection:
         settings: StreamSettings,
         on_row: Callable[[dict[str, Any]], Awaitable[None]],
         on_connect: Callable[[list[tuple[str, str]]], Awaitable[None]],
+        rejects: RejectLog | None = None,
     ) -> None:
         if not 1 <= len(pairs) <= MAX_STREAMS_PER_CONNECTION:
             raise ValueError(f"a connection carries 1..{MAX_STREAMS_PER_CONNECTION} streams, got {len(pairs)}")
@@ -75,6 +82,8 @@ class KlineConnection:
         self.settings = settings
         self.url = stream_url(settings.base_url, [stream_name(s, i) for s, i in pairs])
         self.on_row, self.on_connect = on_row, on_connect
+        self.rejects = rejects or RejectLog()
+        self.subscribed = frozenset(pairs)
         self.connects = 0
         self.exchange_time_ms: int | None = None  # the newest event time seen: the exchange's clock
         self.reconnect_reasons: list[str] = []
@@ -91,7 +100,8 @@ class KlineConnection:
         while not self._stopping:
             try:
                 async with connect(
-                    self.url, open_timeout=self.settings.open_timeout_s, proxy=None, max_queue=1024
+                    self.url, open_timeout=self.settings.open_timeout_s, proxy=None, max_queue=1024,
+                    max_size=MAX_MESSAGE_BYTES,
                 ) as ws:
                     self._ws = ws
                     self.connects += 1
@@ -141,20 +151,30 @@ class KlineConnection:
                     await asyncio.wait_for(ws.close(), timeout=2)
                 return f"no message for {self.settings.watchdog_s} s (stalled)", delivered
             except ConnectionClosed as exc:
-                code = exc.rcvd.code if exc.rcvd else None
+                code = exc.sent.code if exc.sent and exc.sent.code == 1009 else (exc.rcvd.code if exc.rcvd else None)
+                if code == 1009:
+                    self.rejects.reject("websocket", Rejection(
+                        "frame_too_large", f"a frame above {MAX_MESSAGE_BYTES} bytes closed the connection"))
                 return f"connection closed (code {code})", delivered
             delivered = True
-            payload = json.loads(message)
-            event = payload.get("data", payload) if isinstance(payload, dict) else None
-            if not isinstance(event, dict):
+            parsed = parse_ws_message(message, self.subscribed)
+            self._advance_clock(parsed.event_time)
+            if parsed.rejection is not None:
+                self.rejects.reject("websocket", parsed.rejection, url=self.url)
                 continue
-            event_time = event.get("E")
-            if isinstance(event_time, int) and (self.exchange_time_ms is None or event_time > self.exchange_time_ms):
-                self.exchange_time_ms = event_time
-            if event.get("e") == "serverShutdown":
+            if parsed.kind == "shutdown":
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(ws.close(), timeout=2)
                 return "serverShutdown event", delivered
-            row = ws_event_to_row(event)
-            if row is not None:
-                await self.on_row(row)
+            if parsed.row is not None:
+                await self.on_row(parsed.row)
+
+    def _advance_clock(self, event_time: int | None) -> None:
+        if event_time is None:
+            return
+        newest = self.exchange_time_ms
+        if newest is None or event_time > newest:
+            self.exchange_time_ms = event_time
+        elif event_time < newest - CLOCK_TOLERANCE_MS:
+            self.rejects.reject("exchange_clock", Rejection(
+                "clock_backwards", f"an event {newest - event_time} ms older than the newest seen"), url=self.url)
