@@ -14,6 +14,7 @@ from pathlib import Path
 
 from daemon.commands.market_common import BUNDLED_DATA_DIR, configure_logging
 from daemon.market.sim_data import CandleBook, SimClock
+from daemon.market.sim_hostile import HostileProfile
 from daemon.market.simulator import ExchangeSimulator
 from storage.intervals import format_ms, parse_time
 
@@ -44,6 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="queue a fault, e.g. rest:429:2:1, rest:5xx, ws:drop, ws:stall:1:30, ws:mute, archive:corrupt; more "
         "can be added while running: POST /_sim/fault?spec=…",
     )
+    parser.add_argument(
+        "--profile", choices=["clean", "hostile"], default="clean",
+        help="hostile: mix garbage frames (not JSON, binary, bad fields, NaN, off-grid, unsubscribed, huge), "
+        "duplicate, re-sent and reordered closes, clock jumps and bad REST bodies into the live stream; the "
+        "truth served stays the same (GET /_sim/stats lists what was injected)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the hostile profile")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.set_defaults(handler=run)
 
@@ -76,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         weight_limit=args.weight_limit,
         latency_s=args.latency_ms / 1000,
         ws_lifetime_s=args.ws_lifetime_s,
+        hostile=HostileProfile(seed=args.seed) if args.profile == "hostile" else None,
     )
     for spec in args.fault:
         simulator.faults.add_spec(spec)

@@ -121,14 +121,18 @@ async def backfill(
             report.archive_files += result.files_imported
             report.rows_received += result.rows
             report.rows_changed += result.rows_changed
-        remaining = await writer.run(lambda store, a=hole_start, b=hole_end: store.find_holes(symbol, interval, a, b))
-        for rest_start, rest_end in remaining:
-            async for page in rest.iter_klines(symbol, interval, rest_start, rest_end):
-                result = await writer.upsert(page)
-                report.rows_received += page.height
-                report.rows_changed += result.rows_changed
-                if on_rows:
-                    on_rows(page.height)
+        # Twice: what is still empty after one pass is asked again before it counts as an exchange outage,
+        # because a misbehaving front end can answer an empty array (or only garbage) for a range that has data.
+        for _ in range(2):
+            remaining = await writer.run(
+                lambda store, a=hole_start, b=hole_end: store.find_holes(symbol, interval, a, b))
+            for rest_start, rest_end in remaining:
+                async for page in rest.iter_klines(symbol, interval, rest_start, rest_end):
+                    result = await writer.upsert(page)
+                    report.rows_received += page.height
+                    report.rows_changed += result.rows_changed
+                    if on_rows:
+                        on_rows(page.height)
 
     settle = settle_ms if settle_ms is not None else max(2 * step, 10 * 60_000)
     report.confirmed_empty = await writer.run(

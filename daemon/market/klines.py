@@ -150,11 +150,13 @@ def parse_rest_klines(body: Any, symbol: str, interval: str, start_ms: int, end_
             rejections.append(Rejection("outside_request", f"open time {open_time} outside the requested "
                                                            f"{start_ms}..{end_ms} (endTime/startTime ignored)"))
             continue
-        if previous is not None and open_time <= previous:
-            rejections.append(Rejection("out_of_order" if open_time < previous else "duplicate_row",
-                                        f"open time {open_time} after {previous}"))
+        if open_time in rows:  # the first copy of a duplicated row wins
+            rejections.append(Rejection("duplicate_row", f"open time {open_time} twice in one page"))
+            continue
+        if previous is not None and open_time < previous:  # kept, and sorted below
+            rejections.append(Rejection("out_of_order", f"open time {open_time} after {previous}"))
         previous = open_time if previous is None else max(previous, open_time)
-        rows.setdefault(open_time, parsed)  # the first copy of a duplicated row wins
+        rows[open_time] = parsed
     ordered = [rows[t] for t in sorted(rows)]
     candles = candles_from_rows(ordered) if ordered else empty_candles()
     return RestPage(candles, rejections, max(rows) if rows else None, len(body))

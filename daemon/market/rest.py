@@ -34,6 +34,7 @@ from storage.intervals import format_ms, interval_ms
 log = structlog.get_logger("daemon.market.rest")
 
 KLINES_PAGE = 1000
+CLOCK_TOLERANCE_MS = 5_000  # round-trip noise between two time requests
 ALTERNATIVE_HOSTS = (
     "https://api1.binance.com … https://api4.binance.com, https://api-gcp.binance.com, "
     "https://data-api.binance.vision (market data only)"
@@ -267,12 +268,15 @@ class BinanceRestClient:
         server_time = body.get("serverTime") if isinstance(body, dict) else None
         if isinstance(server_time, bool) or not isinstance(server_time, int):
             raise self._malformed("bad_server_time", f"/api/v3/time answered {str(body)[:80]}")
-        if self._newest_server_ms is not None and server_time < self._newest_server_ms - 1000:
-            # Taken as it is (fewer candles count as closed, which is safe), but worth a line in the log.
+        offset = int(server_time - (sent + received) / 2 * 1000)
+        if self._newest_server_ms is not None and offset < self.server_offset_ms - CLOCK_TOLERANCE_MS:
+            # The exchange's clock jumped back: keep the clock we had (it only moves forward), or candles
+            # already closed would count as open and be left out of a backfill.
             self.rejects.reject("exchange_clock", Rejection(
-                "clock_backwards", f"server time went back {self._newest_server_ms - server_time} ms"))
-        self._newest_server_ms = max(self._newest_server_ms or server_time, server_time)
-        self.server_offset_ms = int(server_time - (sent + received) / 2 * 1000)
+                "clock_backwards", f"server time went back {self.server_offset_ms - offset} ms; ignored"))
+            return self.server_offset_ms
+        self._newest_server_ms = server_time
+        self.server_offset_ms = offset
         return self.server_offset_ms
 
     def server_now_ms(self) -> int:

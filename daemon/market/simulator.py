@@ -33,6 +33,7 @@ from websockets.protocol import State
 
 from daemon.market.sim_data import CandleBook, Series, SimClock, format_number, kline_row, ws_kline_event
 from daemon.market.sim_faults import FaultPlan
+from daemon.market.sim_hostile import HostileProfile
 from storage.intervals import INTERVAL_MS
 
 MICROSECOND_ARCHIVE_FROM_MS = 1_735_689_600_000  # 2025-01-01: spot archive files switch to µs
@@ -76,6 +77,7 @@ class ExchangeSimulator:
         ws_update_s: float = 0.25,
         ws_tick_s: float = 0.02,
         ws_lifetime_s: float | None = None,
+        hostile: HostileProfile | None = None,
     ) -> None:
         self.book, self.clock, self.host = book, clock, host
         self.weight_limit = weight_limit
@@ -86,6 +88,8 @@ class ExchangeSimulator:
         self.ban_after_violations, self.ban_s = ban_after_violations, ban_s
         self.ws_update_s, self.ws_tick_s, self.ws_lifetime_s = ws_update_s, ws_tick_s, ws_lifetime_s
         self.faults = FaultPlan()
+        self.hostile = hostile
+        self.statuses: dict[str, str] = {}  # symbol → status other than TRADING (set through /_sim/status)
         self.stats = SimStats()
         self._ips: dict[str, _IpState] = {}
         self._archive_cache: dict[str, bytes] = {}
@@ -103,6 +107,7 @@ class ExchangeSimulator:
         app.router.add_get("/api/v3/klines", self._klines)
         app.router.add_get("/data/spot/{period}/klines/{symbol}/{interval}/{filename}", self._archive)
         app.router.add_post("/_sim/fault", self._add_fault)
+        app.router.add_post("/_sim/status", self._set_status)
         app.router.add_get("/_sim/stats", self._stats)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -202,14 +207,16 @@ class ExchangeSimulator:
         gate = await self._gate(request, _WEIGHTS[request.path], faultable=False)
         if isinstance(gate, web.Response):
             return gate
-        return web.json_response({"serverTime": self.clock.now_ms()}, headers=gate)
+        now = self.clock.now_ms()
+        return web.json_response({"serverTime": self.hostile.server_time(now) if self.hostile else now}, headers=gate)
 
     async def _exchange_info(self, request: web.Request) -> web.Response:
         gate = await self._gate(request, _WEIGHTS[request.path], faultable=False)
         if isinstance(gate, web.Response):
             return gate
         symbols = [
-            {"symbol": s, "status": "TRADING", "baseAsset": s[:-4], "quoteAsset": s[-4:]} for s in self.book.symbols()
+            {"symbol": s, "status": self.statuses.get(s, "TRADING"), "baseAsset": s[:-4], "quoteAsset": s[-4:]}
+            for s in self.book.symbols() if self.statuses.get(s) != "DELISTED"
         ]
         wanted = request.query.get("symbol")
         if wanted:
@@ -258,8 +265,33 @@ class ExchangeSimulator:
         else:
             _, stop = series.index_range(-(2**62), last_allowed)
             first = max(0, stop - limit)
+        if self.statuses.get(symbol) == "DELISTED":
+            return self._error(400, -1121, "Invalid symbol.")
         rows = [kline_row(series, index, now) for index in range(first, stop)]
+        if self.hostile is not None:
+            return self._hostile_klines(series, rows, first, stop, now, start, gate)
         return web.json_response(rows, headers=gate)
+
+    def _hostile_klines(self, series: Series, rows: list, first: int, stop: int, now: int, start: int | None,
+                        headers: dict) -> web.Response:
+        assert self.hostile is not None
+        kind = self.hostile.klines_kind(series.symbol, series.interval, start)
+        if kind == "html_page":
+            return web.Response(text="<html><body><h1>502 Bad Gateway</h1></body></html>", content_type="text/html",
+                                headers=headers)
+        if kind == "truncated_json":
+            body = json.dumps(rows)
+            return web.Response(text=body[: max(1, len(body) // 2)], content_type="application/json", headers=headers)
+        if kind == "reversed":
+            rows = rows[::-1]
+        elif kind == "end_ignored":
+            _, last = series.index_range(-(2**62), now)
+            rows += [kline_row(series, index, now) for index in range(stop, min(last, stop + 3))]
+        elif kind == "overlap" and first > 0:
+            rows = [kline_row(series, first - 1, now), *rows]
+        elif kind == "empty":
+            rows = []
+        return web.json_response(rows, headers=headers)
 
     # -- archive --------------------------------------------------------------------------------
     async def _archive(self, request: web.Request) -> web.Response:
@@ -330,6 +362,18 @@ class ExchangeSimulator:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"ok": True})
 
+    async def _set_status(self, request: web.Request) -> web.Response:
+        """`?symbol=ETHUSDT&status=BREAK`: exchangeInfo reports it, its streams fall silent; `DELISTED` also
+        drops it from exchangeInfo and refuses its klines; `TRADING` restores it."""
+        symbol, status = request.query.get("symbol", ""), request.query.get("status", "")
+        if symbol not in self.book.symbols() or not status.isalpha():
+            return web.json_response({"error": "need a known symbol and a status word"}, status=400)
+        if status == "TRADING":
+            self.statuses.pop(symbol, None)
+        else:
+            self.statuses[symbol] = status
+        return web.json_response({"ok": True})
+
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats_dict())
 
@@ -343,6 +387,7 @@ class ExchangeSimulator:
             "ws_connections": self.stats.ws_connections,
             "bans": self.stats.bans,
             "now_ms": self.clock.now_ms(),
+            "hostile_injected": dict(self.hostile.injected) if self.hostile else {},
         }
 
     # -- websocket ------------------------------------------------------------------------------
@@ -389,6 +434,8 @@ class _StreamSession:
         self.last_closed: dict[str, int] = {}
         self.stalled_until = 0.0
         self.muted: set[str] = set()
+        self.history: dict[str, list[dict]] = {}  # closes sent per stream (the hostile profile re-sends them)
+        self.held: dict[str, dict] = {}  # a close the hostile profile holds back until the next one
 
     def _subscribe(self, names: list[str]) -> None:
         now = self.sim.clock.now_ms()
@@ -458,10 +505,10 @@ class _StreamSession:
             send_update = time.monotonic() - last_update >= sim.ws_update_s
             for name, series in list(self.streams.items()):
                 closed_until = int(np.searchsorted(series.close_times, now, "left"))
-                silent = stalled or name in self.muted
+                silent = stalled or name in self.muted or series.symbol in sim.statuses
                 for index in range(self.last_closed[name] + 1, closed_until):
                     if not silent:
-                        await self._send(name, ws_kline_event(series, index, now))
+                        await self._send_close(name, ws_kline_event(series, index, now))
                 self.last_closed[name] = max(self.last_closed[name], closed_until - 1)
                 current = closed_until
                 in_progress = current < len(series.open_times) and series.open_times[current] <= now
@@ -470,6 +517,28 @@ class _StreamSession:
             if send_update:
                 last_update = time.monotonic()
             await asyncio.sleep(sim.ws_tick_s)
+
+    async def _send_close(self, name: str, event: dict) -> None:
+        hostile = self.sim.hostile
+        if hostile is None:
+            await self._send(name, event)
+            return
+        history = self.history.setdefault(name, [])
+        extra, hold = hostile.after_close(event, history)
+        held = self.held.pop(name, None)
+        if hold:
+            self.held[name] = event
+        else:
+            await self._send(name, event)
+        if held is not None:
+            await self._send(name, held)
+        history.append(event)
+        del history[:-10]
+        for frame in extra:
+            if isinstance(frame, dict):
+                await self._send(name, frame)
+            else:
+                await self.ws.send(frame)
 
     async def _apply_fault(self) -> bool:
         """Returns True when the fault ended this connection."""
