@@ -39,10 +39,10 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1, what: str 
 class Simulator:
     """`kronosd simulate` on the bundled BTC and ETH candles, market clock `speed` times real time."""
 
-    def __init__(self, start: str, speed: float):
+    def __init__(self, start: str, speed: float, *extra: str):
         self.process = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "simulate", "--data", str(DATA / "BTCUSDT_1h.parquet"),
-             "--data", str(DATA / "ETHUSDT_1h.parquet"), "--start", start, "--speed", str(speed)],
+             "--data", str(DATA / "ETHUSDT_1h.parquet"), "--start", start, "--speed", str(speed), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
         self.urls = json.loads(self.process.stdout.readline())
 
@@ -51,6 +51,11 @@ class Simulator:
 
         urllib.request.urlopen(urllib.request.Request(f"{self.urls['rest_url']}/_sim/fault?spec={spec}",
                                                       method="POST"), timeout=5).read()
+
+    def stats(self) -> dict:
+        import urllib.request
+
+        return json.loads(urllib.request.urlopen(f"{self.urls['rest_url']}/_sim/stats", timeout=5).read())
 
     def close(self) -> None:
         self.process.terminate()

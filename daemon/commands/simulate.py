@@ -52,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "truth served stays the same (GET /_sim/stats lists what was injected)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the hostile profile")
+    parser.add_argument("--hostile-rate", type=float, default=0.5,
+                        help="share of closing events followed by garbage (REST: half of it) in the hostile profile")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.set_defaults(handler=run)
 
@@ -74,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
     if args.speed < 0:
         raise ValueError("--speed must be >= 0")
+    if not 0 <= args.hostile_rate <= 1:
+        raise ValueError("--hostile-rate must be between 0 and 1")
     book = build_book(args)
     last_candle = max(int(series.open_times[-1]) for series in book)
     start = parse_time(args.start) if args.start else last_candle - 30 * 86_400_000
@@ -84,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         weight_limit=args.weight_limit,
         latency_s=args.latency_ms / 1000,
         ws_lifetime_s=args.ws_lifetime_s,
-        hostile=HostileProfile(seed=args.seed) if args.profile == "hostile" else None,
+        hostile=HostileProfile(seed=args.seed, ws_rate=args.hostile_rate, rest_rate=args.hostile_rate / 2)
+        if args.profile == "hostile" else None,
     )
     for spec in args.fault:
         simulator.faults.add_spec(spec)

@@ -5,7 +5,8 @@ Websocket: after a closing event, now and then one kind of garbage follows — t
 binary frame, a foreign event type, a kline with a field missing, mistyped, not a number, NaN or
 Infinity, a price <= 0, high < low, a negative volume, an open time off the grid, a symbol nobody
 subscribed to, an absurdly large frame, the same close again, an older close re-sent, a close held back
-and sent after the next one, an event whose time jumps hours back. REST klines: an HTML page or a
+and sent after the next one, a close replaced by a corrupt copy (the client must fetch it over REST),
+an event whose time jumps hours back. REST klines: an HTML page or a
 truncated body with status 200, rows in reverse order, rows past `endTime` or before `startTime`, an empty
 array for a range that has candles (once per range, so a second request gets the truth); `/time` jumping
 back. Kinds are dealt round-robin from a seeded shuffle, so every kind appears within a few dozen candles
@@ -23,7 +24,7 @@ from typing import Any
 WS_KINDS = (
     "not_json", "binary", "wrong_event", "missing_field", "mistyped_field", "not_a_number", "nan", "infinity",
     "negative_price", "high_below_low", "negative_volume", "off_grid", "unsubscribed", "huge_frame",
-    "duplicate", "stale_close", "reorder", "clock_back",
+    "duplicate", "stale_close", "reorder", "clock_back", "corrupt_close",
 )
 REST_KINDS = ("html_page", "truncated_json", "reversed", "end_ignored", "overlap", "empty", "time_back")
 # What a correct client counts for each injected kind (boundary:reason in its rejection log); `reorder`
@@ -36,7 +37,7 @@ EXPECTED_REJECTIONS = {
     "negative_volume": "websocket:negative_volume", "off_grid": "websocket:off_grid",
     "unsubscribed": "websocket:unsubscribed", "huge_frame": "websocket:frame_too_large",
     "duplicate": "websocket:stale_close", "stale_close": "websocket:stale_close",
-    "clock_back": "exchange_clock:clock_backwards",
+    "clock_back": "exchange_clock:clock_backwards", "corrupt_close": "websocket:not_finite",
     "html_page": "rest:wrong_content_type", "truncated_json": "rest:not_json", "reversed": "rest:out_of_order",
     "end_ignored": "rest:outside_request", "overlap": "rest:outside_request",
     "time_back": "exchange_clock:clock_backwards",
@@ -70,22 +71,23 @@ class HostileProfile:
         self._lied_empty: set[tuple[str, str, int]] = set()
 
     # -- websocket --------------------------------------------------------------------------------
-    def after_close(self, event: dict[str, Any], history: list[dict[str, Any]]) -> tuple[list[Any], bool]:
-        """Frames (events or raw text/bytes) to send after the closing `event`, and whether to hold
-        `event` back (sent after the next close). `history` holds this stream's earlier closes."""
+    def after_close(self, event: dict[str, Any], history: list[dict[str, Any]]) -> tuple[list[Any], str]:
+        """Frames (events or raw text/bytes) to send after the closing `event`, and what to do with `event`:
+        "send" it, "hold" it back (sent after the next close) or "drop" it (only the corrupt copy goes out).
+        `history` holds this stream's earlier closes."""
         kind = self.ws.deal()
-        if kind is None:
-            return [], False
-        if kind == "stale_close" and not history:
-            return [], False
+        if kind is None or (kind == "stale_close" and not history):
+            return [], "send"
         self.injected[kind] += 1
         if kind == "reorder":
-            return [], True
+            return [], "hold"
         if kind == "duplicate":
-            return [event], False
+            return [event], "send"
         if kind == "stale_close":
-            return [history[max(0, len(history) - 3)]], False
-        return [self._garbage(kind, event)], False
+            return [history[max(0, len(history) - 3)]], "send"
+        if kind == "corrupt_close":
+            return [self._garbage("nan", event)], "drop"
+        return [self._garbage(kind, event)], "send"
 
     def _garbage(self, kind: str, event: dict[str, Any]) -> Any:
         if kind == "not_json":

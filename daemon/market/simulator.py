@@ -282,6 +282,7 @@ class ExchangeSimulator:
         if kind == "truncated_json":
             body = json.dumps(rows)
             return web.Response(text=body[: max(1, len(body) // 2)], content_type="application/json", headers=headers)
+        before = len(rows)
         if kind == "reversed":
             rows = rows[::-1]
         elif kind == "end_ignored":
@@ -291,6 +292,8 @@ class ExchangeSimulator:
             rows = [kline_row(series, first - 1, now), *rows]
         elif kind == "empty":
             rows = []
+        if (kind == "reversed" and before < 2) or (kind in ("end_ignored", "overlap") and len(rows) == before):
+            self.hostile.injected[kind] -= 1  # nothing to reverse or add: the reply stayed true
         return web.json_response(rows, headers=headers)
 
     # -- archive --------------------------------------------------------------------------------
@@ -387,7 +390,7 @@ class ExchangeSimulator:
             "ws_connections": self.stats.ws_connections,
             "bans": self.stats.bans,
             "now_ms": self.clock.now_ms(),
-            "hostile_injected": dict(self.hostile.injected) if self.hostile else {},
+            "hostile_injected": {k: n for k, n in self.hostile.injected.items() if n} if self.hostile else {},
         }
 
     # -- websocket ------------------------------------------------------------------------------
@@ -524,11 +527,11 @@ class _StreamSession:
             await self._send(name, event)
             return
         history = self.history.setdefault(name, [])
-        extra, hold = hostile.after_close(event, history)
+        extra, action = hostile.after_close(event, history)
         held = self.held.pop(name, None)
-        if hold:
+        if action == "hold":
             self.held[name] = event
-        else:
+        elif action == "send":
             await self._send(name, event)
         if held is not None:
             await self._send(name, held)
