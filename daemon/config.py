@@ -3,6 +3,7 @@ the daemon; unknown keys inside a defined section are an error, so typos do not 
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -158,6 +159,35 @@ class MqttConfig(BaseModel):
     reconnect_max_s: float = Field(30.0, gt=0)
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or `localhost`: only this machine can connect."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve to anything
+
+
+class HttpConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535, description="0 picks a free port (logged as http_listening)")
+    token: str | None = Field(None, min_length=16, description="every request needs Authorization: Bearer <token>")
+    stream_silence_s: float = Field(30.0, gt=0, description="/readyz: a stream silent this long is not ready "
+                                                             "(Binance pushes a kline update every 2 s)")
+
+    @model_validator(mode="after")
+    def _loopback_or_token(self) -> HttpConfig:
+        # The dashboard shows everything the daemon knows; off this machine it is nobody else's business.
+        if self.enabled and not is_loopback(self.host) and not self.token:
+            raise ValueError(f"http.host {self.host!r} is not a loopback address: set http.token (16+ characters; "
+                             "clients send it as 'Authorization: Bearer <token>') or bind 127.0.0.1")
+        return self
+
+
 class KronosConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -169,6 +199,7 @@ class KronosConfig(BaseModel):
     finetune: FinetuneScheduleConfig = FinetuneScheduleConfig()
     gate: GateConfig = GateConfig()
     mqtt: MqttConfig = MqttConfig()
+    http: HttpConfig = HttpConfig()
 
 
 def load_config(path: str | Path | None = None) -> KronosConfig:

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ class ContinualTrainer:
         self._seen: dict[Pair, int] = {}
         self._wake = asyncio.Event()
         self.lag_monitor = None  # the service's LoopLagMonitor, when it has one
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # every model event (dashboard)
 
     # -- triggering ------------------------------------------------------------------------------
 
@@ -109,6 +111,8 @@ class ContinualTrainer:
             self.publisher.publish_event(kind, model_version=version, champion_version=champion, run_id=run_id,
                                          **details)
         log.info(kind, model_version=version, champion_version=champion, run_id=run_id, **details)
+        for listener in self.listeners:
+            listener({"kind": kind, "model_version": version, "champion_version": champion, "run_id": run_id})
 
     async def _export(self, run_dir: Path) -> tuple[Path, pl.DataFrame]:
         schedule, forecast = self.config.finetune, self.config.forecast

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -114,6 +115,10 @@ class ForecastService:
         self._wake = asyncio.Event()
         self.published = 0
         self.latencies_ms: list[float] = []
+        self.latest_scores: list[dict[str, Any]] = []  # the newest rolling ledger scores (/metrics)
+        # Called after each forecast is stored and handed to MQTT (dashboard, metrics); must not block.
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.score_listeners: list[Callable[[list[dict[str, Any]]], None]] = []
         torch.set_num_threads(model.threads)
 
     def set_champion(self, version: str, tokenizer: KronosTokenizer, model: Kronos) -> None:
@@ -160,6 +165,9 @@ class ForecastService:
             return results
 
         results = await self.writer.run(score)
+        self.latest_scores = results
+        for listener in self.score_listeners:
+            listener(results)
         for result in results:
             if self.publisher is not None:
                 self.publisher.publish_event("ledger_scores", **result)
@@ -195,16 +203,18 @@ class ForecastService:
         rows = forecast_rows(result, symbol, interval, origin_ms, champion.version, issued)
         await self.writer.run(lambda store: insert_forecasts(store.con, rows))
         stored = time.monotonic()
+        payload = forecast_payload(result, symbol, interval, origin_ms, champion.version, issued)
         if self.publisher is not None:
-            self.publisher.publish_forecast(symbol, interval, forecast_payload(result, symbol, interval, origin_ms,
-                                                                              champion.version, issued),
-                                            origin_ms=origin_ms)
+            self.publisher.publish_forecast(symbol, interval, payload, origin_ms=origin_ms)
         self.published += 1
-        if self.published % config.score_every == 0:
-            await self.publish_scores()
         latency = (time.monotonic() - noticed) * 1000 if noticed else None
         if latency is not None:
             self.latencies_ms.append(latency)
+        for listener in self.listeners:
+            listener({"payload": payload, "latency_s": None if latency is None else latency / 1000,
+                      "model_s": model_done - read_done})
+        if self.published % config.score_every == 0:
+            await self.publish_scores()
         log.info("forecast_published", symbol=symbol, interval=interval, origin=origin_ms,
                  model_version=champion.version, latency_ms=None if latency is None else round(latency, 1),
                  read_ms=round((read_done - began) * 1000, 1), model_ms=round((model_done - read_done) * 1000, 1),

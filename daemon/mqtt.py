@@ -72,6 +72,11 @@ class Publisher:
         self._stop.set()
         self._wake.set()
 
+    @property
+    def queued(self) -> int:
+        """Forecasts and events waiting for the broker."""
+        return len(self._retained) + len(self._events)
+
     # -- the connection task ---------------------------------------------------------------------
 
     def _client(self) -> aiomqtt.Client:

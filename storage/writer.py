@@ -71,6 +71,8 @@ class StoreWriter:
         self._held: Any = None
         self._dirty_since_publish = False
         self.snapshots_published = 0
+        # Called in the writer thread with the seconds each snapshot publish took (metrics); must be quick.
+        self.on_snapshot: Callable[[float], None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> StoreWriter:
@@ -200,10 +202,13 @@ class StoreWriter:
         needed = self._dirty_since_publish or not self.snapshot_path.exists()
         if not force and not (needed and (due or final)):
             return None
+        began = time.monotonic()
         published = publish_snapshot(
             store.con, store.catalog, self.snapshot_path, storage_version=self.snapshot_storage_version
         )
         store.checkpoint()
+        if self.on_snapshot is not None:
+            self.on_snapshot(time.monotonic() - began)
         self._last_publish = time.monotonic()
         self._dirty_since_publish = False
         self.snapshots_published += 1

@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 
 from daemon.market.backfill import backfill
+from daemon.market.counters import IngestCounters
 from daemon.market.klines import ws_rows_to_candles
 from daemon.market.rejects import Rejection, RejectLog
 from daemon.market.rest import BinanceRestClient, ExchangeConfigError, IpBannedError, SymbolUnavailableError
@@ -51,8 +52,10 @@ class LiveIngestor:
         listing_check_s: float = 300.0,
         on_stored: Callable[[Pair, int], None] | None = None,
         rejects: RejectLog | None = None,
+        counters: IngestCounters | None = None,
     ) -> None:
         self.writer, self.rest, self.settings = writer, rest, settings
+        self.counters = counters or IngestCounters()
         self.pairs = [(symbol.upper(), interval) for symbol, interval in pairs]
         self.initial_start_ms = initial_start_ms
         self.resync_retry_s = resync_retry_s
@@ -70,7 +73,7 @@ class LiveIngestor:
         self._late_handled: dict[Pair, int] = {}
         self.late_closes = 0  # candles fetched through REST because their close event never came
         self.connections = [
-            KlineConnection(group, settings, self._on_row, self._on_connect, self.rejects)
+            KlineConnection(group, settings, self._on_row, self._on_connect, self.rejects, self.counters)
             for group in split_pairs(self.pairs)
         ]
 
@@ -177,6 +180,7 @@ class LiveIngestor:
         if not rows:
             return
         await self.writer.upsert(ws_rows_to_candles(rows))
+        self.counters.candles[pair] += len(rows)
         newest = max(row["open_time"] for row in rows)
         self.last_closed[pair] = max(self.last_closed[pair] or newest, newest)
         self._notify(pair, newest)
@@ -197,7 +201,8 @@ class LiveIngestor:
             try:
                 last = await self.writer.run(lambda store: store.last_open_time(symbol, interval))
                 start = last + interval_ms(interval) if last is not None else self.initial_start_ms()
-                report = await backfill(self.writer, self.rest, symbol, interval, start, source="rest")
+                report = await backfill(self.writer, self.rest, symbol, interval, start, source="rest",
+                                        on_rows=lambda rows: self.counters.candles.update({pair: rows}))
                 break
             except SymbolUnavailableError as exc:
                 # This symbol alone: pause it; the listing watch resumes it when it trades again.
@@ -217,6 +222,7 @@ class LiveIngestor:
                 log.warning("resync_retry", pair=pair, error=str(exc), delay_s=round(delay, 3))
                 await asyncio.sleep(delay)
         self.resyncs += 1
+        self.counters.resyncs[pair] += 1
         last = await self.writer.run(lambda store: store.last_open_time(symbol, interval))
         # No await between taking the buffer and going live, so no row can slip in between.
         buffered = self.buffers[pair] or []

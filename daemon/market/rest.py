@@ -18,6 +18,7 @@ import asyncio
 import json
 import random
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,7 @@ class RestStats:
     waited_for_weight_s: float = 0.0
     peak_used_weight: int = 0
     weight_limit: int = 6000
+    statuses: Counter[str] = field(default_factory=Counter)  # HTTP status of every answer, or "error"
 
     @property
     def peak_share(self) -> float:
@@ -194,10 +196,12 @@ class BinanceRestClient:
                     status, body = response.status, await response.read()
                     retry_after = response.headers.get("Retry-After")
             except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+                self.stats.statuses["error"] += 1
                 self.budget.settle(weight, None)
                 attempt = await self._retry_or_fail(attempt, url, f"{type(exc).__name__}: {exc}")
                 continue
             self.budget.settle(weight, reported)
+            self.stats.statuses[str(status)] += 1
             if reported is not None and reported.isdigit():
                 self.stats.peak_used_weight = max(self.stats.peak_used_weight, int(reported))
             if status == 200:

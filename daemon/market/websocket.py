@@ -23,6 +23,7 @@ import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from daemon.market.counters import IngestCounters, reconnect_kind
 from daemon.market.klines import parse_ws_message, stream_name
 from daemon.market.rejects import Rejection, RejectLog
 
@@ -75,6 +76,7 @@ class KlineConnection:
         on_row: Callable[[dict[str, Any]], Awaitable[None]],
         on_connect: Callable[[list[tuple[str, str]]], Awaitable[None]],
         rejects: RejectLog | None = None,
+        counters: IngestCounters | None = None,
     ) -> None:
         if not 1 <= len(pairs) <= MAX_STREAMS_PER_CONNECTION:
             raise ValueError(f"a connection carries 1..{MAX_STREAMS_PER_CONNECTION} streams, got {len(pairs)}")
@@ -87,8 +89,14 @@ class KlineConnection:
         self.connects = 0
         self.exchange_time_ms: int | None = None  # the newest event time seen: the exchange's clock
         self.reconnect_reasons: list[str] = []
+        self.counters = counters or IngestCounters()
+        self.last_message_at: float | None = None  # monotonic time of the newest message (readiness)
         self._stopping = False
         self._ws: ClientConnection | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None
 
     async def stop(self) -> None:
         self._stopping = True
@@ -124,6 +132,7 @@ class KlineConnection:
                 return
             failures = 0 if delivered else failures + 1
             self.reconnect_reasons.append(reason)
+            self.counters.reconnects[reconnect_kind(reason)] += 1
             delay = self._delay(failures)
             log.warning("ws_reconnect", url=self.url, reason=reason, delay_s=round(delay, 3))
             await asyncio.sleep(delay)
@@ -157,6 +166,7 @@ class KlineConnection:
                         "frame_too_large", f"a frame above {MAX_MESSAGE_BYTES} bytes closed the connection"))
                 return f"connection closed (code {code})", delivered
             delivered = True
+            self.last_message_at = time.monotonic()
             parsed = parse_ws_message(message, self.subscribed)
             self._advance_clock(parsed.event_time)
             if parsed.rejection is not None:
