@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "daemon.commands.ledger",
     "daemon.commands.run",
     "daemon.commands.demo",
+    "daemon.commands.dashboard",
     "daemon.commands.models",
 )
 

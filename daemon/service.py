@@ -35,6 +35,13 @@ from daemon.commands.market_common import rest_settings, stream_settings
 from daemon.config import KronosConfig, load_config
 from daemon.continual import ContinualTrainer
 from daemon.forecaster import ForecastService
+from daemon.health import readiness, status_line
+from daemon.http.api import forecast_from_payload, query_candles
+from daemon.http.events import EventHub
+from daemon.http.metrics import DaemonMetrics
+from daemon.http.server import HttpServer, build_app
+from daemon.http.source import LiveSource
+from daemon.market.counters import IngestCounters
 from daemon.market.live import LiveIngestor
 from daemon.market.rejects import RejectLog
 from daemon.market.rest import BinanceRestClient, IpBannedError
@@ -50,6 +57,7 @@ log = structlog.get_logger("daemon.service")
 
 RESTART_BACKOFF_S = (1.0, 60.0)  # first delay, ceiling
 HEALTHY_RUN_S = 60.0  # a task that ran this long before failing starts again from the first delay
+STATUS_EVERY_S = 5.0  # how often systemd's STATUS= line and the dashboards' status are refreshed
 STATE_DIR_MODE = 0o750  # the service's group may read the store and the snapshot (README: systemd)
 
 
@@ -59,7 +67,7 @@ class StoreUnwritableError(RuntimeError):
 
 def warn_about_exposed_secrets(config: KronosConfig, config_path: Path | None) -> bool:
     """A config file holding the MQTT password that other users can read gets a warning (it still starts)."""
-    if config_path is None or not config.mqtt.password:
+    if config_path is None or not (config.mqtt.password or config.http.token):
         return False
     try:
         mode = config_path.stat().st_mode
@@ -67,7 +75,7 @@ def warn_about_exposed_secrets(config: KronosConfig, config_path: Path | None) -
         return False
     if mode & stat.S_IROTH:
         log.warning("config_world_readable", path=str(config_path), mode=oct(stat.S_IMODE(mode)),
-                    hint=f"it holds the MQTT password; chmod 640 {config_path} (or 600)")
+                    hint=f"it holds a secret (MQTT password or HTTP token); chmod 640 {config_path} (or 600)")
         return True
     return False
 
@@ -98,13 +106,17 @@ class LoopLagMonitor:
     def __init__(self, period_s: float = 0.05, keep: int = 100_000):
         self.period_s = period_s
         self.samples: deque[tuple[float, float]] = deque(maxlen=keep)  # (monotonic time, lag in ms)
+        self.listeners: list[Callable[[float], None]] = []  # each sample in ms (metrics)
 
     async def run(self) -> None:
         while True:
             start = time.monotonic()
             await asyncio.sleep(self.period_s)
             now = time.monotonic()
-            self.samples.append((now, max(0.0, (now - start - self.period_s) * 1000)))
+            lag = max(0.0, (now - start - self.period_s) * 1000)
+            self.samples.append((now, lag))
+            for listener in self.listeners:
+                listener(lag)
 
     def since(self, moment: float) -> list[float]:
         return [lag for at, lag in self.samples if at >= moment]
@@ -130,6 +142,13 @@ class Daemon:
         self.lag = LoopLagMonitor()
         self.started_candles = 0
         self.reloads = 0
+        self.ingest_counters = IngestCounters()  # outlives each ingestor, so /metrics only ever grows
+        self.hub = EventHub()
+        self.metrics = DaemonMetrics(self)
+        self.lag.listeners.append(self.metrics.on_loop_lag)
+        self.http: HttpServer | None = None
+        self._status_text = ""
+        self._background: set[asyncio.Task] = set()
 
     # -- building blocks -------------------------------------------------------------------------
 
@@ -142,6 +161,53 @@ class Daemon:
     def _on_stored(self, pair: tuple[str, str], newest_open_time: int) -> None:
         self.forecaster.on_candle(pair, newest_open_time)
         self.continual.on_candle(pair, newest_open_time)
+        if self.hub.clients:
+            task = asyncio.get_running_loop().create_task(self._push_candles(pair))
+            self._background.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self._background.discard)
+
+    async def _push_candles(self, pair: tuple[str, str]) -> None:
+        """The newest candles of a pair to the open dashboards (read once, whatever their number)."""
+        try:
+            candles = await self.writer.run(lambda store: query_candles(store.con, *pair, 3))
+        except Exception as exc:  # a dashboard update is never worth more than a log line
+            log.warning("dashboard_push_failed", error=str(exc))
+            return
+        self.hub.publish("candles", {"symbol": pair[0], "interval": pair[1], "candles": candles})
+
+    def _on_forecast(self, record: dict[str, Any]) -> None:
+        self.metrics.on_forecast(record)
+        payload = record["payload"]
+        self.hub.publish("forecast", {"symbol": payload["symbol"], "interval": payload["interval"],
+                                      "forecast": forecast_from_payload(payload)})
+
+    def _start_http(self) -> None:
+        config = self.config.http
+        if not config.enabled:
+            self.http = None
+            return
+        app = build_app(LiveSource(self), self.hub, token=config.token, metrics=self.metrics.render,
+                        readiness=lambda: readiness(self))
+        self.http = HttpServer(app, config.host, config.port)
+        self._start("http", self.http.run)
+
+    async def _stop_http(self) -> None:
+        task = self._tasks.pop("http", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _status(self) -> None:
+        """systemd's STATUS= (what `systemctl status` shows) and the dashboards' status, kept current."""
+        while True:
+            text = status_line(self)
+            if text != self._status_text:
+                self._status_text = text
+                self.notifier.status(text)
+            if self.hub.clients:
+                self.hub.publish("status", LiveSource(self).status())
+            await asyncio.sleep(STATUS_EVERY_S)
 
     def _start(self, name: str, factory: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         """Run `factory()` as the supervised task `name` (see the module docstring for the policy)."""
@@ -195,7 +261,7 @@ class Daemon:
         history_ms = int(self.config.markets.history_days * 86_400_000)
         self.ingestor = LiveIngestor(self.writer, self.rest, self.config.markets.pairs, stream_settings(self.config),
                                      initial_start_ms=lambda: self.rest.server_now_ms() - history_ms,
-                                     on_stored=self._on_stored, rejects=self.rejects,
+                                     on_stored=self._on_stored, rejects=self.rejects, counters=self.ingest_counters,
                                      listing_check_s=self.config.exchange.listing_check_s)
         await self.ingestor.run()
 
@@ -247,12 +313,15 @@ class Daemon:
         with contextlib.suppress(PermissionError):  # not ours to change (e.g. a shared directory)
             os.chmod(self.state_dir, STATE_DIR_MODE)
         self.writer = await asyncio.to_thread(self._writer().start)
+        self.writer.on_snapshot = self.metrics.on_snapshot
         try:
             self.started_candles = await self.writer.run(
                 lambda store: store.con.execute("SELECT count(*) FROM candles").fetchall()[0][0])
             self.registry = ModelRegistry(self.state_dir / "models", self.config.model.keep_versions)
             self._start_publisher()
             self.forecaster = ForecastService(self.writer, self.config.forecast, self.config.model, self.publisher)
+            self.forecaster.listeners.append(self._on_forecast)
+            self.forecaster.score_listeners.append(lambda scores: self.hub.publish("ledger", {"scores": len(scores)}))
             version = await asyncio.to_thread(bootstrap_champion, self.registry, self.config)
             await self._load_champion(version)
             await self.forecaster.load_newest_origins()
@@ -264,7 +333,11 @@ class Daemon:
         self.continual = ContinualTrainer(self.writer, self.config, self.registry, self.forecaster,
                                           self.publisher, self.state_dir)
         self.continual.lag_monitor = self.lag
+        self.continual.listeners.append(lambda event: self.hub.publish("model", event))
         self._start("loop_lag", self.lag.run)
+        # Before ingest starts: /healthz and /readyz (503 until the streams are live) answer during the backfill.
+        self._start_http()
+        self._start("status", self._status)
         self._start("forecast", self.forecaster.run)
         self._start("continual", self.continual.run)
         self._start("store_watch", self._watch_store)
@@ -320,6 +393,9 @@ class Daemon:
         old, self.config = self.config, new
         self.forecaster.forecast_config = new.forecast
         self.continual.config = new
+        if new.http != old.http:
+            await self._stop_http()
+            self._start_http()
         if new.mqtt != old.mqtt:
             await self._stop_publisher()
             self._start_publisher()
@@ -354,13 +430,14 @@ class Daemon:
         log.info("daemon_stopping")
         await self.continual.stop_training()
         await self._stop_ingest()
-        for name in ("continual", "forecast", "watchdog", "store_watch"):
+        for name in ("continual", "forecast", "watchdog", "store_watch", "status"):
             task = self._tasks.pop(name, None)
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         summary = await self.summary()
+        await self._stop_http()  # before the writer closes: the live API reads through it
         await asyncio.to_thread(self.writer.close)  # flush, final snapshot, checkpoint
         await self._stop_publisher()
         for task in self._tasks.values():

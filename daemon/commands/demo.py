@@ -4,8 +4,10 @@ The exchange simulator serves the bundled real BTCUSDT 1h candles on 127.0.0.1 w
 clock (default: two market hours per second, from 2025-10-01); the daemon runs against it with a fresh
 state directory in WORKDIR (its DuckDB snapshot is WORKDIR/kronos.duckdb), a from-scratch tiny model (the
 hub is unreachable offline; `--base-model` starts from real weights instead), continual fine-tuning every
-few hundred candles, and MQTT on 127.0.0.1:1883 when a broker answers. It stops by itself and prints, as
-its last stdout line, a JSON summary. Logs go to stderr.
+few hundred candles, MQTT on 127.0.0.1:1883 when a broker answers, and the dashboard on
+http://127.0.0.1:8765/ (`--http-port`; the URL is printed when it listens). It stops by itself and prints, as
+its last stdout line, a JSON summary. Logs go to stderr. Afterwards `kronosd dashboard --state-dir WORKDIR`
+shows the same page from what the demo left.
 """
 
 from __future__ import annotations
@@ -70,16 +72,27 @@ async def run_demo(args: argparse.Namespace) -> dict:
                              args.finetune_every)
         if args.no_mqtt:
             config.mqtt.enabled = False
+        config.http.port = args.http_port
         daemon = Daemon(config)
         task = asyncio.create_task(daemon.run())
+        announce = asyncio.create_task(_announce(daemon))
         done, _ = await asyncio.wait([task], timeout=args.minutes * 60)
         if not done:
             daemon.stop()
         summary = await task
+        announce.cancel()
         summary["database"] = str(config.storage.snapshot_path)
         return summary
     finally:
         await simulator.stop()
+
+
+async def _announce(daemon) -> None:
+    """Print the dashboard's URL once it listens (the daemon starts it after loading the model)."""
+    while daemon.http is None:
+        await asyncio.sleep(0.1)
+    await daemon.http.listening.wait()
+    print(f"dashboard: {daemon.http.url}", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,4 +118,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokenizer", help="tokenizer for --base-model")
     parser.add_argument("--mqtt-port", type=int, default=1883)
     parser.add_argument("--no-mqtt", action="store_true")
+    parser.add_argument("--http-port", type=int, default=8765, help="the dashboard's port (0 picks a free one)")
     parser.set_defaults(handler=run)
