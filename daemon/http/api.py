@@ -149,7 +149,11 @@ def query_ledger(con: duckdb.DuckDBPyConnection, symbol: str, interval: str, lim
     result = []
     for at, version, details in reversed(rows):
         values = json.loads(details) if isinstance(details, str) else details or {}
-        result.append({"time": int(at) // 1000, "model_version": version,
+        # `at`: the newest scored origin (market time, which the charts share; the event time is wall time)
+        origin = values.get("last_origin")
+        at_origin = int(datetime.strptime(origin, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()) \
+            if isinstance(origin, str) else int(at) // 1000
+        result.append({"time": int(at) // 1000, "at": at_origin, "model_version": version,
                        **{k: _finite(values.get(k)) for k in keep}})
     return result
 

@@ -112,7 +112,7 @@
     for (const s of scores) {
       if (s.relative_mae === null) continue;
       if (!byVersion.has(s.model_version)) byVersion.set(s.model_version, []);
-      byVersion.get(s.model_version).push({ time: s.time, value: s.relative_mae });
+      byVersion.get(s.model_version).push({ time: s.at, value: s.relative_mae });
     }
     if (!c.ledgerSeries.__rw) {
       c.ledgerSeries.__rw = c.ledgerChart.addSeries(C.LWC.LineSeries, { color: "#8a96a3", lineWidth: 1,
@@ -128,7 +128,7 @@
       c.ledgerSeries[version].setData(C.ordered(points));
       index += 1;
     }
-    const times = C.ordered(scores.map((s) => ({ time: s.time, value: 1 })));
+    const times = C.ordered(scores.map((s) => ({ time: s.at, value: 1 })));
     c.ledgerSeries.__rw.setData(times);
     c.ledgerChart.timeScale().fitContent();
     const last = scores[scores.length - 1];
@@ -243,7 +243,11 @@
     showTrack(id, track.points);
     showLedger(id, ledger.scores);
     showIngest(id, ingest);
-    c.chart.timeScale().fitContent();
+    // The recent past and the fan, not all 500 candles: scroll or zoom for more.
+    const bars = candles.candles.length;
+    const ahead = forecast.forecast ? forecast.forecast.steps.length : 0;
+    if (bars > 150) c.chart.timeScale().setVisibleLogicalRange({ from: bars - 150, to: bars + ahead + 2 });
+    else c.chart.timeScale().fitContent();
   }
 
   async function loadModels() {
