@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector
 
 from daemon.health import pair_health
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 disable_created_metrics()
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_TYPE = openmetrics.CONTENT_TYPE_LATEST
 PAIR = ("symbol", "interval")
 # Seconds; forecasts of the tiny demo model take ~0.1 s, Kronos-small on a CPU about 1 s.
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -62,8 +64,12 @@ class DaemonMetrics:
     def on_snapshot(self, seconds: float) -> None:
         self.snapshot_publish.observe(seconds)  # called in the writer thread; prometheus_client locks
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The body and its content type: OpenMetrics when the scraper asks for it (Prometheus does; it keeps
+        the info and counter types), the classic text format otherwise."""
+        if "application/openmetrics-text" in accept:
+            return openmetrics.generate_latest(self.registry), OPENMETRICS_TYPE
+        return generate_latest(self.registry), CONTENT_TYPE
 
 
 class StateCollector(Collector):

@@ -91,7 +91,7 @@ def _asset_table() -> dict[str, Path]:
 
 
 def build_app(source: Any, hub: EventHub, *, token: str | None = None,
-              metrics: Callable[[], bytes] | None = None,
+              metrics: Callable[[str], tuple[bytes, str]] | None = None,
               readiness: Callable[[], list[dict[str, Any]]] | None = None) -> web.Application:
     app = web.Application(middlewares=_middlewares(token), client_max_size=1024)
     app["source"], app["hub"], app["token_set"] = source, hub, token is not None
@@ -119,11 +119,12 @@ def build_app(source: Any, hub: EventHub, *, token: str | None = None,
         return web.json_response({"ready": not failing, "failing": failing, "checks": checks},
                                  status=503 if failing else 200)
 
-    async def metrics_handler(_request: web.Request) -> web.Response:
+    async def metrics_handler(request: web.Request) -> web.Response:
         if metrics is None:
             raise web.HTTPNotFound(reason="no metrics without a running daemon")
-        response = web.Response(body=metrics())
-        response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+        body, content_type = metrics(request.headers.get("Accept", ""))
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
         return response
 
     async def stream(request: web.Request) -> web.StreamResponse:
