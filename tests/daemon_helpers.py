@@ -163,6 +163,7 @@ def daemon_config(tmp: Path, sim: Simulator, broker_port: int, symbols=("BTCUSDT
         "forecast": {"lookback": 48, "horizon": 6, "sample_paths": 4},
         "finetune": {"enabled": False},
         "mqtt": {"host": "127.0.0.1", "port": broker_port, "reconnect_max_s": 1.0},
+        "http": {"port": free_port()},  # never the default 8765: daemons of parallel tests would collide
     }
     for key, value in sections.items():
         config[key] = {**config.get(key, {}), **value}

@@ -163,7 +163,7 @@
     const rows = models.events.map((e) => el("tr", { class: e.kind },
       el("td", {}, e.at ? e.at.replace("T", " ").replace("Z", "") : ""), el("td", {}, e.kind),
       el("td", {}, e.model_version || e.champion_version || ""), el("td", {}, scoreText(e.challenger)),
-      el("td", {}, scoreText(e.champion)), el("td", { class: "reason" }, e.reason || e.previous || "")));
+      el("td", {}, scoreText(e.champion)), el("td", { class: "reason" }, e.reason || (e.previous ? `replaced ${e.previous}` : ""))));
     $("timeline").querySelector("tbody").replaceChildren(...rows);
   }
 
@@ -210,12 +210,16 @@
       $("loss-note").textContent = "no fine-tune run yet";
       return;
     }
-    select.value = list.some((r) => r.run_id === chosen) ? chosen : list[0].run_id;
+    // keep the reader's choice; otherwise the newest run that has logged anything yet
+    const fallback = (list.find((r) => r.records.length) || list[0]).run_id;
+    select.value = list.some((r) => r.run_id === chosen) ? chosen : fallback;
     showRun(select.value);
   }
 
   // -- loading and live updates ----------------------------------------------------------------------------
   function showStatus(status) {
+    // a run in progress keeps logging: follow its loss curves while it trains
+    if (status.finetune_running && state.loaded) throttle("models", 10000, loadModels);
     state.status = status;
     badge("mode", status.mode === "live" ? "live daemon" : "snapshot (no daemon)");
     badge("model", `model ${status.model_version || "–"}`);
