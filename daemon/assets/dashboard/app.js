@@ -204,7 +204,7 @@
       state.lossChart = lossChart;
     }
     const select = $("run-select");
-    const chosen = select.value;
+    const chosen = state.userRun;
     select.replaceChildren(...list.map((r) => el("option", { value: r.run_id }, r.run_id)));
     if (!list.length) {
       $("loss-note").textContent = "no fine-tune run yet";
@@ -327,7 +327,10 @@
   }
 
   document.addEventListener("DOMContentLoaded", () => {
-    $("run-select").addEventListener("change", (event) => showRun(event.target.value));
+    $("run-select").addEventListener("change", (event) => {
+      state.userRun = event.target.value;
+      showRun(event.target.value);
+    });
     loadAll().catch(report).finally(follow);
   });
 })();
