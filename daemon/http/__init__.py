@@ -1,0 +1,1 @@
+"""The daemon's HTTP face: dashboard, JSON API, live events, /metrics, /healthz, /readyz (see server.py)."""
