@@ -257,3 +257,26 @@ def test_listening_beyond_loopback_needs_a_token(tmp_path):
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2 and "not a loopback address" in result.stderr
     assert json.dumps(result.stderr)
+
+
+@pytest.mark.slow
+def test_demo_serves_the_dashboard_and_prints_its_url(tmp_path):
+    port = free_port()
+    demo = subprocess.Popen([sys.executable, "-m", "daemon.cli", "demo", "--minutes", "0.4", "--no-mqtt",
+                             "--workdir", str(tmp_path / "demo-run"), "--http-port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    try:
+        first = demo.stdout.readline().strip()
+        assert first == f"dashboard: http://127.0.0.1:{port}/"
+        assert request(f"http://127.0.0.1:{port}/").status == 200
+        pairs = request(f"http://127.0.0.1:{port}/api/pairs").json()
+        assert pairs == {"mode": "live", "horizon": 12, "pairs": [{"symbol": "BTCUSDT", "interval": "1h"}]}
+        wait_for(lambda: request(f"http://127.0.0.1:{port}/api/forecast?symbol=BTCUSDT&interval=1h").json()[
+            "forecast"], 60, what="a forecast on the demo's dashboard")
+        rest = demo.stdout.read().strip().splitlines()
+        assert demo.wait(timeout=120) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    summary = json.loads(rest[-1])  # the summary stays the last stdout line
+    assert summary["forecasts_published"] > 0

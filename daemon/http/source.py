@@ -117,8 +117,9 @@ class SnapshotSource:
         return self._horizon
 
     def status(self) -> dict[str, Any]:
-        return {"mode": self.mode, "snapshot": str(self.snapshot), "snapshot_time": self.version() and
-                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.snapshot.stat().st_mtime)),
+        published = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.snapshot.stat().st_mtime)) \
+            if self.snapshot.exists() else None
+        return {"mode": self.mode, "snapshot": str(self.snapshot), "snapshot_time": published,
                 "model_version": None, "ready": None, "checks": [], "pairs": []}
 
     def ingest_counts(self) -> dict[Pair, dict[str, int]]:
