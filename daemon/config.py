@@ -1,5 +1,5 @@
-"""Validated configuration (`config.yaml`). Sections not defined here are kept for other parts of
-the daemon; unknown keys inside a defined section are an error, so typos do not pass silently."""
+"""Validated configuration (`config.yaml`). Unknown keys are an error at every level, a misspelled section
+(`mqqt:`) included, so typos do not pass silently."""
 
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ class MqttConfig(BaseModel):
 
 
 class KronosConfig(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     exchange: ExchangeConfig = ExchangeConfig()
     storage: StorageConfig = StorageConfig()
@@ -187,5 +187,19 @@ def load_config(path: str | Path | None = None) -> KronosConfig:
     try:
         return KronosConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(_explain(error) for error in exc.errors())
         raise ValueError(f"{chosen}: {problems}") from None
+
+
+def _explain(error: Any) -> str:
+    """One validation problem as `section.key: message`; an unknown key also lists the known ones."""
+    location = ".".join(map(str, error["loc"]))
+    if error["type"] != "extra_forbidden":
+        return f"{location}: {error['msg']}"
+    model: type[BaseModel] = KronosConfig
+    for part in error["loc"][:-1]:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return f"{location}: unknown key"
+        model = annotation
+    return f"{location}: unknown key (known here: {', '.join(model.model_fields)})"

@@ -31,7 +31,7 @@ from daemon.ledger import rolling_scores
 from daemon.mqtt import Publisher
 from kronos_model import Forecast, Kronos, KronosPredictor, KronosTokenizer
 from storage.forecasts import FORECAST_COLUMNS, insert_forecasts, insert_model_event, newest_forecast_origins
-from storage.intervals import interval_ms
+from storage.intervals import format_ms, interval_ms
 from storage.writer import StoreWriter
 
 log = structlog.get_logger("daemon.forecaster")
@@ -87,14 +87,11 @@ def forecast_rows(result: Forecast, symbol: str, interval: str, origin_ms: int, 
 def forecast_payload(result: Forecast, symbol: str, interval: str, origin_ms: int, version: str,
                      issued_ms: int) -> dict[str, Any]:
     """The MQTT payload (documented in the README)."""
-    def iso(ms: int) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
-
     columns = list(FORECAST_COLUMNS)
     return {
-        "symbol": symbol, "interval": interval, "issued_at": iso(issued_ms), "origin_time": iso(origin_ms),
+        "symbol": symbol, "interval": interval, "issued_at": format_ms(issued_ms), "origin_time": format_ms(origin_ms),
         "model_version": version, "last_close": result.last_close, "sample_paths": len(result.paths),
-        "timestamps": [iso(int(t)) for t in result.timestamps.as_unit("ms").asi8],
+        "timestamps": [format_ms(int(t)) for t in result.timestamps.as_unit("ms").asi8],
         "mean": {c: np.round(result.mean[:, j], 8).tolist() for j, c in enumerate(columns)},
         **{name: {c: np.round(result.quantiles[q][:, j], 8).tolist() for j, c in enumerate(columns)}
            for q, name in ((0.1, "p10"), (0.5, "p50"), (0.9, "p90"))},

@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 
 from kronos_model.evaluation import metrics
+from storage.intervals import format_ms
 
 LEDGER_LEVELS = (0.1, 0.5, 0.9)
 _DURATION = re.compile(r"^(\d+)([mhdw])$")
@@ -104,7 +105,7 @@ def _load(con: duckdb.DuckDBPyConnection, symbol: str | None, interval: str | No
 
 
 def _iso(ms: int | None) -> str | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if ms is None else format_ms(ms)
 
 
 def _per_origin_mean(origin: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -200,14 +201,15 @@ def _label(window: timedelta) -> str:
 
 
 def format_table(scores: list[LedgerScore]) -> str:
-    """A fixed-width table for the terminal."""
-    header = (f"{'symbol':<10} {'int':<4} {'model_version':<24} {'window':<6} {'origins':>7} {'pending':>7} "
+    """A fixed-width table for the terminal; version ids are printed whole so they paste into `models promote`."""
+    width = max([len("model_version"), *(len(s.model_version) for s in scores)])
+    header = (f"{'symbol':<10} {'int':<4} {'model_version':<{width}} {'window':<6} {'origins':>7} {'pending':>7} "
               f"{'MAE':>10} {'MAE/RW':>7} {'DM p':>7} {'QL/RW':>6} {'cov80':>6} {'dir':>6} {'brier':>6}")
     lines = [header, "-" * len(header)]
     for s in scores:
         ql_ratio = s.quantile_loss / s.quantile_loss_random_walk if s.quantile_loss_random_walk > 0 else math.nan
         lines.append(
-            f"{s.symbol:<10} {s.interval:<4} {s.model_version[:24]:<24} {s.window:<6} {s.origins:>7} "
+            f"{s.symbol:<10} {s.interval:<4} {s.model_version:<{width}} {s.window:<6} {s.origins:>7} "
             f"{s.pending_steps:>7} {s.mae:>10.4g} {s.relative_mae:>7.3f} {s.dm_pvalue_mae:>7.3f} {ql_ratio:>6.3f} "
             f"{s.coverage_80:>6.1%} {s.direction_accuracy:>6.1%} {s.brier_prob_up:>6.3f}"
         )

@@ -38,6 +38,8 @@ def read_candles(path: str | Path, symbol: str | None = None) -> pl.DataFrame:
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise ValueError(f"{path}: cannot read candles: {exc}") from exc
     if "open_time" in frame.columns:
+        if frame["open_time"].dtype.is_float():
+            frame = frame.with_columns(_integral_epoch(frame["open_time"], str(path)))
         if frame["open_time"].dtype.is_integer():
             unit = "us" if frame["open_time"].max() > 10**14 else "ms"
             frame = frame.with_columns(pl.from_epoch("open_time", time_unit=unit).alias("timestamps"))
@@ -53,6 +55,16 @@ def read_candles(path: str | Path, symbol: str | None = None) -> pl.DataFrame:
     if "symbol" not in frame.columns:
         frame = frame.with_columns(pl.lit(symbol or path.name.split("_")[0].split(".")[0]).alias("symbol"))
     return normalise_frame(frame, str(path))
+
+
+def _integral_epoch(column: pl.Series, where: str) -> pl.Series:
+    """Epoch times written as floats (`1.9065e+12`, as pandas writes them after a resample) back to integers."""
+    whole = column.is_finite() & (column == column.floor())
+    if not whole.all():
+        row = int((~whole).arg_true()[0])
+        raise ValueError(f"{where}: open_time must hold whole epoch milliseconds (or microseconds); row {row + 2} "
+                         f"has {column[row]!r}")
+    return column.cast(pl.Int64)
 
 
 def normalise_frame(frame: pl.DataFrame, where: str = "candles") -> pl.DataFrame:

@@ -34,11 +34,16 @@ def configure_logging(verbose: bool = False) -> None:
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="config file (default: ./config.yaml when present)")
-    parser.add_argument(
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--state-dir", type=Path, metavar="DIR",
+                       help="the daemon's state directory, as in `kronosd run --state-dir` (default: "
+                       "storage.state_dir); the database is DIR/<storage.database>")
+    where.add_argument(
         "--db",
         type=Path,
-        help="the published database users open (default: storage.state_dir/storage.database); the writer's "
-        "own file sits next to it as <name>.live.duckdb",
+        metavar="FILE",
+        help="the published database file itself, wherever it lies; the writer's own file sits next to it as "
+        "<name>.live.duckdb",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress events (JSON on stderr)")
 
@@ -52,6 +57,8 @@ def resolve(args: argparse.Namespace) -> tuple[KronosConfig, Path, Path]:
     """(config, published snapshot path, live store path) for the command line given."""
     configure_logging(getattr(args, "verbose", False))
     config = load_config(args.config)
+    if getattr(args, "state_dir", None) is not None:
+        config.storage.state_dir = args.state_dir
     snapshot = args.db if args.db is not None else config.storage.snapshot_path
     return config, snapshot, live_path_for(snapshot)
 
@@ -72,7 +79,8 @@ def open_snapshot(snapshot: Path) -> duckdb.DuckDBPyConnection:
     """Read-only connection to the published database, for export and stats."""
     if not snapshot.exists():
         raise FileNotFoundError(
-            f"no published database at {snapshot}; run `kronosd backfill` or `kronosd import` first, or pass --db"
+            f"no published database at {snapshot}; run `kronosd backfill` or `kronosd import` first, or pass "
+            "--state-dir or --db"
         )
     con = duckdb.connect(str(snapshot), read_only=True)
     con.execute("SET TimeZone = 'UTC'")
