@@ -32,7 +32,7 @@ from daemon.config import KronosConfig
 from daemon.forecaster import Champion, ForecastService, build_predictor, forecast_window
 from daemon.mqtt import Publisher
 from daemon.registry import ModelRegistry
-from kronos_model.finetune.checkpoint import load_pair
+from kronos_model.checkpoint import load_pair
 from kronos_model.finetune.gate import evaluate_pair
 from kronos_model.hub import CheckpointError
 from storage.forecasts import insert_model_event

@@ -31,7 +31,6 @@ import numpy as np
 import structlog
 import torch
 
-from daemon.commands.market_common import rest_settings, stream_settings
 from daemon.config import KronosConfig, load_config
 from daemon.continual import ContinualTrainer
 from daemon.forecaster import ForecastService
@@ -41,6 +40,7 @@ from daemon.market.rest import BinanceRestClient, IpBannedError
 from daemon.mqtt import Publisher
 from daemon.notify import Notifier
 from daemon.registry import ModelRegistry
+from daemon.wiring import open_writer, rest_settings, stream_settings
 from kronos_model import Kronos, KronosTokenizer
 from kronos_model.finetune.config import TINY_PREDICTOR, TINY_TOKENIZER
 from storage.forecasts import forecast_error_summary, insert_model_event
@@ -134,10 +134,7 @@ class Daemon:
     # -- building blocks -------------------------------------------------------------------------
 
     def _writer(self) -> StoreWriter:
-        storage = self.config.storage
-        return StoreWriter(storage.live_path, snapshot_path=storage.snapshot_path,
-                           snapshot_interval_s=storage.snapshot_interval_s, memory_limit=storage.memory_limit,
-                           threads=storage.threads, snapshot_storage_version=storage.snapshot_storage_version)
+        return open_writer(self.config)
 
     def _on_stored(self, pair: tuple[str, str], newest_open_time: int) -> None:
         self.forecaster.on_candle(pair, newest_open_time)

@@ -28,6 +28,7 @@ import polars as pl
 import structlog
 
 from storage.candles import dedupe_batch
+from storage.durable import append_line_synced, fsync_path
 from storage.intervals import ceil_to_grid, format_ms, interval_ms
 from storage.schema import CANDLE_VALUE_COLUMNS, migrate
 
@@ -80,13 +81,6 @@ class RecoveryReport:
     quarantined_wal: Path | None = None
     lost_batches: list[int] = field(default_factory=list)
     lost_windows: list[LostWindow] = field(default_factory=list)
-
-
-def _fsync_append(path: Path, line: str) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 class CandleStore:
@@ -229,7 +223,7 @@ class CandleStore:
             self.con.execute("ROLLBACK")
             raise
         self._next_batch_id += 1
-        _fsync_append(self.journal_path, json.dumps({"batch": batch_id, "windows": [list(w) for w in windows]}))
+        append_line_synced(self.journal_path, json.dumps({"batch": batch_id, "windows": [list(w) for w in windows]}))
         return UpsertResult(batch_id, rows_in, int(changed))
 
     def record_gap(
@@ -264,9 +258,9 @@ class CandleStore:
         self.con.execute("FORCE CHECKPOINT")
         tmp = Path(f"{self.journal_path}.tmp")
         tmp.write_text(json.dumps({"checkpointed_batch": self._next_batch_id - 1}) + "\n", encoding="utf-8")
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        fsync_path(tmp)
         os.replace(tmp, self.journal_path)
+        fsync_path(self.journal_path.parent)
 
     def close(self) -> None:
         try:

@@ -16,7 +16,7 @@ import pandas as pd
 import polars as pl
 
 from kronos_model import KronosPredictor
-from kronos_model.finetune.checkpoint import load_pair
+from kronos_model.checkpoint import load_pair
 from storage.files import read_kline_file
 from storage.store import CandleStore
 

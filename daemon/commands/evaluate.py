@@ -32,7 +32,7 @@ def _candles_from_store(args: argparse.Namespace) -> tuple[pl.DataFrame, str]:
 
     if not args.symbol or not args.interval:
         raise ValueError("reading the database needs --symbol and --interval (or pass --data FILE)")
-    _, snapshot, _ = resolve(args)
+    _, snapshot = resolve(args)
     con = open_snapshot(snapshot)
     try:
         stored = read_candles(con, args.symbol, args.interval)

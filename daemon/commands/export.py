@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _, snapshot, _ = resolve(args)
+    _, snapshot = resolve(args)
     interval_ms(args.interval)
     start = parse_time(args.start) if args.start else None
     end = parse_time(args.end) if args.end else None

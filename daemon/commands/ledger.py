@@ -14,7 +14,7 @@ def run(args: argparse.Namespace) -> int:
     from daemon.ledger import format_table, parse_window, score_ledger
 
     windows = [(label, parse_window(label)) for label in (args.window or DEFAULT_WINDOWS)]
-    _, snapshot, _ = resolve(args)
+    _, snapshot = resolve(args)
     con = open_snapshot(snapshot)
     try:
         scores = [score for label, window in windows

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _, snapshot, _ = resolve(args)
+    _, snapshot = resolve(args)
     interval_ms(args.interval)
     con = open_snapshot(snapshot)
     try:
