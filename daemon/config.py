@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from storage.forecasts import STORED_QUANTILES
 from storage.intervals import interval_ms
 
 DEFAULT_CONFIG_PATH = Path("config.yaml")
@@ -104,15 +105,15 @@ class ForecastConfig(BaseModel):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(0.9, gt=0, le=1)
     top_k: int = Field(0, ge=0)
-    quantiles: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
+    quantiles: list[float] = Field(default_factory=lambda: list(STORED_QUANTILES))
     seed: int = 0
     score_every: int = Field(24, ge=1, description="publish rolling ledger scores after this many forecasts")
     score_window_days: float = Field(7, gt=0, description="the rolling window of those scores")
 
     @model_validator(mode="after")
     def _standard_quantiles(self) -> ForecastConfig:
-        if not {0.1, 0.5, 0.9} <= set(self.quantiles):
-            raise ValueError("quantiles must include 0.1, 0.5 and 0.9 (the forecasts table stores them)")
+        if not set(STORED_QUANTILES) <= set(self.quantiles):
+            raise ValueError(f"quantiles must include {sorted(STORED_QUANTILES)} (the forecasts table stores them)")
         return self
 
 

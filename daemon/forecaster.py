@@ -30,7 +30,13 @@ from daemon.config import ForecastConfig, ModelConfig
 from daemon.ledger import rolling_scores
 from daemon.mqtt import Publisher
 from kronos_model import Forecast, Kronos, KronosPredictor, KronosTokenizer
-from storage.forecasts import FORECAST_COLUMNS, insert_forecasts, insert_model_event, newest_forecast_origins
+from storage.forecasts import (
+    FORECAST_COLUMNS,
+    STORED_QUANTILES,
+    insert_forecasts,
+    insert_model_event,
+    newest_forecast_origins,
+)
 from storage.intervals import format_ms, interval_ms
 from storage.writer import StoreWriter
 
@@ -78,7 +84,7 @@ def forecast_rows(result: Forecast, symbol: str, interval: str, origin_ms: int, 
     }
     for j, column in enumerate(FORECAST_COLUMNS):
         data[f"{column}_mean"] = result.mean[:, j]
-        for q, name in ((0.1, "p10"), (0.5, "p50"), (0.9, "p90")):
+        for q, name in STORED_QUANTILES.items():
             data[f"{column}_{name}"] = result.quantiles[q][:, j]
     data["prob_up"] = result.prob_up
     return pl.DataFrame(data)
@@ -94,7 +100,7 @@ def forecast_payload(result: Forecast, symbol: str, interval: str, origin_ms: in
         "timestamps": [format_ms(int(t)) for t in result.timestamps.as_unit("ms").asi8],
         "mean": {c: np.round(result.mean[:, j], 8).tolist() for j, c in enumerate(columns)},
         **{name: {c: np.round(result.quantiles[q][:, j], 8).tolist() for j, c in enumerate(columns)}
-           for q, name in ((0.1, "p10"), (0.5, "p50"), (0.9, "p90"))},
+           for q, name in STORED_QUANTILES.items()},
         "prob_up": np.round(result.prob_up, 4).tolist(),
     }
 
@@ -206,5 +212,5 @@ class ForecastService:
                  model_version=champion.version, latency_ms=None if latency is None else round(latency, 1),
                  read_ms=round((read_done - began) * 1000, 1), model_ms=round((model_done - read_done) * 1000, 1),
                  store_ms=round((stored - model_done) * 1000, 1),
-                 p50_close_next=round(float(result.quantiles[0.5][0, 3]), 2), prob_up_next=float(result.prob_up[0]))
+                 p50_close_next=round(float(result.close_quantile(0.5)[0]), 2), prob_up_next=float(result.prob_up[0]))
         return True

@@ -22,9 +22,9 @@ import numpy as np
 import polars as pl
 
 from kronos_model.evaluation import metrics
+from storage.forecasts import STORED_QUANTILES
 from storage.intervals import format_ms
 
-LEDGER_LEVELS = (0.1, 0.5, 0.9)
 _DURATION = re.compile(r"^(\d+)([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -121,10 +121,10 @@ def _score_group(key: tuple[str, str, str], rows: pl.DataFrame, window: str) -> 
     origin = realised["origin_ms"].to_numpy()
     actual, last = realised["actual"].to_numpy(), realised["last_close"].to_numpy()
     median = realised["close_p50"].to_numpy()
-    quantiles = {level: realised[f"close_p{round(level * 100):02d}"].to_numpy() for level in LEDGER_LEVELS}
+    quantiles = {level: realised[f"close_{name}"].to_numpy() for level, name in STORED_QUANTILES.items()}
     absolute, absolute_reference = np.abs(median - actual), np.abs(last - actual)
-    pinball = np.mean([metrics.pinball_loss(quantiles[q], actual, q) for q in LEDGER_LEVELS], axis=0)
-    pinball_reference = np.mean([metrics.pinball_loss(last, actual, q) for q in LEDGER_LEVELS], axis=0)
+    pinball = np.mean([metrics.pinball_loss(quantiles[q], actual, q) for q in STORED_QUANTILES], axis=0)
+    pinball_reference = np.mean([metrics.pinball_loss(last, actual, q) for q in STORED_QUANTILES], axis=0)
     # Forecasts issued every candle overlap by up to horizon - 1 steps: that many DM lags.
     horizon = int(realised["step"].max())
     dm_mae = metrics.diebold_mariano(_per_origin_mean(origin, absolute),

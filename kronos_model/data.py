@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 import torch
 
-FEATURES = ("open", "high", "low", "close", "volume", "amount")
+from kronos_model.predictor import FEATURE_COLUMNS as FEATURES  # one column order for files and the model
 
 
 def read_candles(path: str | Path, symbol: str | None = None) -> pl.DataFrame:

@@ -9,7 +9,10 @@ import duckdb
 import polars as pl
 
 FORECAST_COLUMNS = ("open", "high", "low", "close", "volume", "amount")
-FORECAST_STATS = ("mean", "p10", "p50", "p90")
+# The quantile levels the forecasts table keeps, by column suffix; everything that writes or scores the
+# table takes them from here.
+STORED_QUANTILES: dict[float, str] = {0.1: "p10", 0.5: "p50", 0.9: "p90"}
+FORECAST_STATS = ("mean", *STORED_QUANTILES.values())
 
 
 def insert_forecasts(con: duckdb.DuckDBPyConnection, frame: pl.DataFrame) -> int:
