@@ -30,6 +30,7 @@ from daemon.config import ForecastConfig, ModelConfig
 from daemon.ledger import rolling_scores
 from daemon.mqtt import Publisher
 from kronos_model import Forecast, Kronos, KronosPredictor, KronosTokenizer
+from kronos_model.data import FEATURES, candles_to_frame
 from storage.forecasts import (
     FORECAST_COLUMNS,
     STORED_QUANTILES,
@@ -56,21 +57,14 @@ def build_predictor(tokenizer: KronosTokenizer, model: Kronos, config: ModelConf
     return KronosPredictor(model.to(dtype), tokenizer.to(dtype), device=device, max_context=config.max_context)
 
 
-def forecast_window(champion: Champion, candles: pl.DataFrame, step_ms: int, config: ForecastConfig,
+def forecast_window(champion: Champion, frame: pl.DataFrame, step_ms: int, config: ForecastConfig,
                     seed: int) -> Forecast:
-    """Forecast the `config.horizon` candles after `candles` (the look-back, oldest first)."""
-    times = pl.from_epoch(candles["open_time"], time_unit="ms")
-    last = int(candles["open_time"][-1])
+    """Forecast the `config.horizon` candles after `frame` (a Kronos frame of the look-back, oldest first)."""
+    last = int(frame["timestamps"].dt.epoch("ms")[-1])
     future = pl.from_epoch(pl.Series([last + step_ms * k for k in range(1, config.horizon + 1)]), time_unit="ms")
-    frame = candles.select("open", "high", "low", "close", "volume",
-                           pl.col("quote_volume").alias("amount"))
-    if frame["amount"].null_count():
-        # the original's fallback for missing quote volume
-        frame = frame.with_columns(pl.col("amount").fill_null(
-            pl.col("volume") * (pl.col("open") + pl.col("high") + pl.col("low") + pl.col("close")) / 4))
-    return champion.predictor.forecast(frame, times, future, config.horizon, T=config.temperature,
-                                       top_k=config.top_k, top_p=config.top_p, sample_count=config.sample_paths,
-                                       seed=seed, quantiles=config.quantiles)
+    return champion.predictor.forecast(frame.select(FEATURES), frame["timestamps"], future, config.horizon,
+                                       T=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                                       sample_count=config.sample_paths, seed=seed, quantiles=config.quantiles)
 
 
 def forecast_rows(result: Forecast, symbol: str, interval: str, origin_ms: int, version: str,
@@ -189,7 +183,7 @@ class ForecastService:
                      have=candles.height, need=config.lookback)
             return False
         seed = config.seed + origin_ms // step  # reproducible per origin
-        result = await asyncio.to_thread(forecast_window, champion, candles, step, config, seed)
+        result = await asyncio.to_thread(forecast_window, champion, candles_to_frame(candles), step, config, seed)
         model_done = time.monotonic()
         issued = int(time.time() * 1000)
         if origin_ms <= self.newest_origin.get(pair, -1):

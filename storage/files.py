@@ -20,7 +20,8 @@ from storage.candles import KLINE_FILE_COLUMNS
 from storage.intervals import format_ms, grid_offset_ms, interval_ms
 
 REQUIRED_VALUES = ("open_time", "open", "high", "low", "close", "volume")
-# Binance publishes milliseconds; anything above this is microseconds (year 2286 in ms).
+# Binance publishes milliseconds; anything above this is microseconds (year 2286 in ms). kronos_model.data
+# has the same rule for the model's files: the two packages never import each other.
 _MICROSECOND_THRESHOLD = 10**13
 _NAME_PATTERN = re.compile(r"^([A-Z0-9]{3,})[-_](\d+[smhdwM])(?:[-_.]|$)")
 _INTERVAL_PATTERN = re.compile(r"[-_](\d+[smhdwM])(?:[-_.]|$)")
