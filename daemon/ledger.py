@@ -22,8 +22,9 @@ import numpy as np
 import polars as pl
 
 from kronos_model.evaluation import metrics
-from storage.forecasts import STORED_QUANTILES
+from storage.forecasts import STORED_QUANTILES, forecasts_with_outcomes
 from storage.intervals import format_ms
+from storage.store import newest_open_time
 
 _DURATION = re.compile(r"^(\d+)([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -77,31 +78,6 @@ class LedgerScore:
         values["direction_ci"] = [float(v) for v in self.direction_ci]
         values["beats_random_walk"] = self.beats_random_walk
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
-
-
-def _load(con: duckdb.DuckDBPyConnection, symbol: str | None, interval: str | None, model_version: str | None,
-          since: datetime | None) -> pl.DataFrame:
-    conditions, params = ["TRUE"], []
-    for column, value in (("symbol", symbol), ("interval", interval), ("model_version", model_version)):
-        if value is not None:
-            conditions.append(f"f.{column} = ?")
-            params.append(value)
-    if since is not None:
-        conditions.append("f.origin_time >= make_timestamptz(?::BIGINT * 1000)")
-        params.append(int(since.timestamp() * 1000))
-    query = f"""
-        SELECT f.symbol, f.interval, f.model_version, epoch_ms(f.origin_time) AS origin_ms, f.step,
-               f.last_close, f.close_p10, f.close_p50, f.close_p90, f.prob_up, c.close AS actual
-        FROM forecasts f LEFT JOIN candles c
-          ON c.symbol = f.symbol AND c.interval = f.interval AND c.open_time = f.target_time
-        WHERE {" AND ".join(conditions)}
-        ORDER BY f.symbol, f.interval, f.model_version, f.origin_time, f.step
-    """
-    try:
-        return con.sql(query, params=params).pl()
-    except duckdb.CatalogException as exc:
-        raise ValueError(f"this database has no forecasts to score ({str(exc).splitlines()[0]}); it was written by "
-                         "a kronosd without forecasts (schema < 2): run the daemon with this version first") from exc
 
 
 def _iso(ms: int | None) -> str | None:
@@ -168,15 +144,13 @@ def score_ledger(con: duckdb.DuckDBPyConnection, *, window: timedelta | None = N
     since = None
     if window is not None:
         if now is None:
-            pairs = [(c, v) for c, v in (("symbol", symbol), ("interval", interval)) if v is not None]
-            where = " AND ".join(f"{c} = ?" for c, _ in pairs) or "TRUE"
-            latest = con.execute(f"SELECT epoch_ms(max(open_time)) FROM candles WHERE {where}",
-                                 [v for _, v in pairs]).fetchall()[0][0]
+            latest = newest_open_time(con, symbol, interval)
             now = datetime.fromtimestamp(latest / 1000, UTC) if latest is not None else datetime.now(UTC)
         if now.tzinfo is None:  # naive times in this project are UTC
             now = now.replace(tzinfo=UTC)
         since = now - window
-    rows = _load(con, symbol, interval, model_version, since)
+    rows = forecasts_with_outcomes(con, symbol=symbol, interval=interval, model_version=model_version,
+                                   since_ms=None if since is None else int(since.timestamp() * 1000))
     label = window_label or ("all" if window is None else _label(window))
     scores = []
     for key, group in rows.group_by(["symbol", "interval", "model_version"], maintain_order=True):
@@ -184,6 +158,20 @@ def score_ledger(con: duckdb.DuckDBPyConnection, *, window: timedelta | None = N
         if score is not None:
             scores.append(score)
     return scores
+
+
+def overall_errors(con: duckdb.DuckDBPyConnection) -> dict[str, float | int | None]:
+    """Every realised step of every stored forecast: median-close MAE against the random walk (last close)
+    and the share of right direction calls, as the daemon's summary reports them."""
+    realised = forecasts_with_outcomes(con).filter(pl.col("actual").is_not_null())
+    if realised.is_empty():
+        return {"scored_steps": 0, "mae": None, "mae_random_walk": None, "direction_accuracy": None}
+    actual, last = realised["actual"].to_numpy(), realised["last_close"].to_numpy()
+    median = realised["close_p50"].to_numpy()
+    called, correct = metrics.direction_hits(median, actual, last)
+    return {"scored_steps": realised.height, "mae": float(np.abs(median - actual).mean()),
+            "mae_random_walk": float(np.abs(last - actual).mean()),
+            "direction_accuracy": float(correct.sum() / called.sum()) if called.any() else None}
 
 
 def rolling_scores(con: duckdb.DuckDBPyConnection, window: timedelta = timedelta(days=7),

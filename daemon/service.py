@@ -34,6 +34,7 @@ import torch
 from daemon.config import KronosConfig, load_config
 from daemon.continual import ContinualTrainer
 from daemon.forecaster import ForecastService
+from daemon.ledger import overall_errors
 from daemon.market.live import LiveIngestor
 from daemon.market.rejects import RejectLog
 from daemon.market.rest import BinanceRestClient, IpBannedError
@@ -43,7 +44,7 @@ from daemon.registry import ModelRegistry
 from daemon.wiring import open_writer, rest_settings, stream_settings
 from kronos_model import Kronos, KronosTokenizer
 from kronos_model.finetune.config import TINY_PREDICTOR, TINY_TOKENIZER
-from storage.forecasts import forecast_error_summary, insert_model_event
+from storage.forecasts import insert_model_event
 from storage.writer import StoreWriter
 
 log = structlog.get_logger("daemon.service")
@@ -246,7 +247,7 @@ class Daemon:
         self.writer = await asyncio.to_thread(self._writer().start)
         try:
             self.started_candles = await self.writer.run(
-                lambda store: store.con.execute("SELECT count(*) FROM candles").fetchall()[0][0])
+                lambda store: store.count_candles())
             self.registry = ModelRegistry(self.state_dir / "models", self.config.model.keep_versions)
             self._start_publisher()
             self.forecaster = ForecastService(self.writer, self.config.forecast, self.config.model, self.publisher)
@@ -366,8 +367,8 @@ class Daemon:
         return summary
 
     async def summary(self) -> dict[str, Any]:
-        total = await self.writer.run(lambda store: store.con.execute("SELECT count(*) FROM candles").fetchall()[0][0])
-        errors = await self.writer.run(lambda store: forecast_error_summary(store.con))
+        total = await self.writer.run(lambda store: store.count_candles())
+        errors = await self.writer.run(lambda store: overall_errors(store.con))
         lat = self.forecaster.latencies_ms
         ingestor = getattr(self, "ingestor", None)
         return {

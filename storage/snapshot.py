@@ -48,3 +48,10 @@ def publish_snapshot(
     os.replace(temp, target)
     fsync_path(target.parent)
     return target
+
+
+def open_read_only(path: str | Path) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to a published snapshot, times shown in UTC."""
+    con = duckdb.connect(str(path), read_only=True)
+    con.execute("SET TimeZone = 'UTC'")
+    return con

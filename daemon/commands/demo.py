@@ -56,9 +56,9 @@ def clean_workdir(workdir: Path) -> None:
 
 async def run_demo(args: argparse.Namespace) -> dict:
     from daemon.commands.market_common import BUNDLED_DATA_DIR
-    from daemon.market.sim_data import CandleBook, SimClock
-    from daemon.market.simulator import ExchangeSimulator
     from daemon.service import Daemon
+    from daemon.simulator.data import CandleBook, SimClock
+    from daemon.simulator.server import ExchangeSimulator
 
     book = CandleBook()
     book.add_file(BUNDLED_DATA_DIR / "BTCUSDT_1h.parquet")

@@ -8,7 +8,7 @@ import sys
 
 from daemon.commands.market_common import add_common_options, add_pair_options, open_snapshot, resolve
 from daemon.commands.output import describe, open_output
-from storage.candles import KLINE_FILE_COLUMNS
+from daemon.market.kline_files import KLINE_FILE_COLUMNS
 from storage.intervals import interval_ms, parse_time
 from storage.store import read_candles
 

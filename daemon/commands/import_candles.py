@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from daemon.commands.market_common import add_common_options, resolve
+from daemon.market.kline_files import read_kline_file
 from daemon.wiring import open_writer
-from storage.files import read_kline_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

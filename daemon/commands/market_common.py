@@ -10,6 +10,7 @@ import duckdb
 
 from daemon.config import KronosConfig, load_config
 from daemon.logs import configure_service_logging
+from storage.snapshot import open_read_only
 
 BUNDLED_DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "data"
 
@@ -57,6 +58,4 @@ def open_snapshot(snapshot: Path) -> duckdb.DuckDBPyConnection:
             f"no published database at {snapshot}; run `kronosd backfill` or `kronosd import` first, or pass "
             "--state-dir or --db"
         )
-    con = duckdb.connect(str(snapshot), read_only=True)
-    con.execute("SET TimeZone = 'UTC'")
-    return con
+    return open_read_only(snapshot)

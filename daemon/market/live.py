@@ -26,9 +26,10 @@ from typing import Any
 import structlog
 
 from daemon.market.backfill import backfill
+from daemon.market.exchange import CandleStream, ExchangeRest, StreamFactory
 from daemon.market.klines import ws_rows_to_candles
 from daemon.market.rejects import Rejection, RejectLog
-from daemon.market.rest import BinanceRestClient, ExchangeConfigError, IpBannedError, SymbolUnavailableError
+from daemon.market.rest import ExchangeConfigError, IpBannedError, SymbolUnavailableError
 from daemon.market.websocket import KlineConnection, StreamSettings, split_pairs
 from storage.intervals import interval_ms
 from storage.writer import StoreWriter
@@ -42,7 +43,7 @@ class LiveIngestor:
     def __init__(
         self,
         writer: StoreWriter,
-        rest: BinanceRestClient,
+        rest: ExchangeRest,
         pairs: list[Pair],
         settings: StreamSettings,
         *,
@@ -51,6 +52,7 @@ class LiveIngestor:
         listing_check_s: float = 300.0,
         on_stored: Callable[[Pair, int], None] | None = None,
         rejects: RejectLog | None = None,
+        open_stream: StreamFactory = KlineConnection,
     ) -> None:
         self.writer, self.rest, self.settings = writer, rest, settings
         self.pairs = [(symbol.upper(), interval) for symbol, interval in pairs]
@@ -69,8 +71,8 @@ class LiveIngestor:
         self._fatal: BaseException | None = None
         self._late_handled: dict[Pair, int] = {}
         self.late_closes = 0  # candles fetched through REST because their close event never came
-        self.connections = [
-            KlineConnection(group, settings, self._on_row, self._on_connect, self.rejects)
+        self.connections: list[CandleStream] = [
+            open_stream(group, settings, self._on_row, self._on_connect, self.rejects)
             for group in split_pairs(self.pairs)
         ]
 

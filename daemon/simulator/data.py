@@ -13,7 +13,7 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from storage.files import read_kline_file
+from daemon.market.kline_files import read_kline_file
 from storage.intervals import interval_ms
 from storage.store import read_candles
 
