@@ -7,7 +7,8 @@
 - The trainer runs as `python -m kronos_model.finetune` (never a fork of this process, which holds torch
   and DuckDB), niced, with its own log file, starting from the champion's weights; it gets a Parquet
   export, not a handle on the store.
-- Promotion only when the challenger is finite and its forecast MAE beats the champion's by the margin; the
+- Promotion only when the challenger is finite and its `gate.metric` (CRPS of the sample paths by default,
+  or the median's MAE) beats the champion's by the margin; the
   pair is copied into the registry, loaded back with its hashes verified, given a smoke forecast, and only
   then swapped in. Every decision lands in `model_events`, the log, and MQTT events.
 """

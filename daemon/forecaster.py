@@ -67,13 +67,20 @@ def forecast_window(champion: Champion, frame: pl.DataFrame, step_ms: int, confi
                                        sample_count=config.sample_paths, seed=seed, quantiles=config.quantiles)
 
 
+def target_times_ms(origin_ms: int, interval: str, steps: int) -> list[int]:
+    """The open times the forecast steps stand for, straight from the origin: times stay integer ms from the
+    store to the table and the payload (the model's calendar features are its own business)."""
+    step_ms = interval_ms(interval)
+    return [origin_ms + step_ms * k for k in range(1, steps + 1)]
+
+
 def forecast_rows(result: Forecast, symbol: str, interval: str, origin_ms: int, version: str,
                   issued_ms: int) -> pl.DataFrame:
     steps = len(result.timestamps)
     data: dict[str, Any] = {
         "symbol": [symbol] * steps, "interval": [interval] * steps, "origin_time": [origin_ms] * steps,
         "model_version": [version] * steps, "step": list(range(1, steps + 1)),
-        "target_time": result.timestamps.as_unit("ms").asi8.tolist(), "issued_at": [issued_ms] * steps,
+        "target_time": target_times_ms(origin_ms, interval, steps), "issued_at": [issued_ms] * steps,
         "sample_paths": [len(result.paths)] * steps, "last_close": [result.last_close] * steps,
     }
     for j, column in enumerate(FORECAST_COLUMNS):
@@ -91,7 +98,7 @@ def forecast_payload(result: Forecast, symbol: str, interval: str, origin_ms: in
     return {
         "symbol": symbol, "interval": interval, "issued_at": format_ms(issued_ms), "origin_time": format_ms(origin_ms),
         "model_version": version, "last_close": result.last_close, "sample_paths": len(result.paths),
-        "timestamps": [format_ms(int(t)) for t in result.timestamps.as_unit("ms").asi8],
+        "timestamps": [format_ms(t) for t in target_times_ms(origin_ms, interval, len(result.timestamps))],
         "mean": {c: np.round(result.mean[:, j], 8).tolist() for j, c in enumerate(columns)},
         **{name: {c: np.round(result.quantiles[q][:, j], 8).tolist() for j, c in enumerate(columns)}
            for q, name in STORED_QUANTILES.items()},
