@@ -113,7 +113,8 @@ class ForecastConfig(BaseModel):
     @model_validator(mode="after")
     def _standard_quantiles(self) -> ForecastConfig:
         if not set(STORED_QUANTILES) <= set(self.quantiles):
-            raise ValueError(f"quantiles must include {sorted(STORED_QUANTILES)} (the forecasts table stores them)")
+            levels = ", ".join(map(str, sorted(STORED_QUANTILES)))
+            raise ValueError(f"quantiles must include {levels} (the forecasts table stores them)")
         return self
 
 

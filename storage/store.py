@@ -359,6 +359,11 @@ def newest_open_time(con: duckdb.DuckDBPyConnection, symbol: str | None = None,
     return None if newest is None else int(newest)
 
 
+def stored_pairs(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
+    """Every (symbol, interval) with stored candles, sorted."""
+    return [(s, i) for s, i in con.execute("SELECT DISTINCT symbol, interval FROM candles ORDER BY 1, 2").fetchall()]
+
+
 def count_confirmed_empty(con: duckdb.DuckDBPyConnection, symbol: str, interval: str) -> int:
     """Ranges the exchange confirmed have no candles (outages), for one pair."""
     return int(con.execute("SELECT count(*) FROM gaps WHERE symbol = ? AND interval = ? AND status = 'confirmed_empty'",
