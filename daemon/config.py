@@ -1,5 +1,5 @@
-"""Validated configuration (`config.yaml`). Sections not defined here are kept for other parts of
-the daemon; unknown keys inside a defined section are an error, so typos do not pass silently."""
+"""Validated configuration (`config.yaml`). Unknown keys are an error at every level, a misspelled section
+(`mqqt:`) included, so typos do not pass silently."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from storage.forecasts import STORED_QUANTILES
 from storage.intervals import interval_ms
 
 DEFAULT_CONFIG_PATH = Path("config.yaml")
@@ -105,15 +106,16 @@ class ForecastConfig(BaseModel):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(0.9, gt=0, le=1)
     top_k: int = Field(0, ge=0)
-    quantiles: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
+    quantiles: list[float] = Field(default_factory=lambda: list(STORED_QUANTILES))
     seed: int = 0
     score_every: int = Field(24, ge=1, description="publish rolling ledger scores after this many forecasts")
     score_window_days: float = Field(7, gt=0, description="the rolling window of those scores")
 
     @model_validator(mode="after")
     def _standard_quantiles(self) -> ForecastConfig:
-        if not {0.1, 0.5, 0.9} <= set(self.quantiles):
-            raise ValueError("quantiles must include 0.1, 0.5 and 0.9 (the forecasts table stores them)")
+        if not set(STORED_QUANTILES) <= set(self.quantiles):
+            levels = ", ".join(map(str, sorted(STORED_QUANTILES)))
+            raise ValueError(f"quantiles must include {levels} (the forecasts table stores them)")
         return self
 
 
@@ -189,7 +191,7 @@ class HttpConfig(BaseModel):
 
 
 class KronosConfig(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     exchange: ExchangeConfig = ExchangeConfig()
     storage: StorageConfig = StorageConfig()
@@ -218,5 +220,19 @@ def load_config(path: str | Path | None = None) -> KronosConfig:
     try:
         return KronosConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(_explain(error) for error in exc.errors())
         raise ValueError(f"{chosen}: {problems}") from None
+
+
+def _explain(error: Any) -> str:
+    """One validation problem as `section.key: message`; an unknown key also lists the known ones."""
+    location = ".".join(map(str, error["loc"]))
+    if error["type"] != "extra_forbidden":
+        return f"{location}: {error['msg']}"
+    model: type[BaseModel] = KronosConfig
+    for part in error["loc"][:-1]:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return f"{location}: unknown key"
+        model = annotation
+    return f"{location}: unknown key (known here: {', '.join(model.model_fields)})"

@@ -7,7 +7,8 @@
 - The trainer runs as `python -m kronos_model.finetune` (never a fork of this process, which holds torch
   and DuckDB), niced, with its own log file, starting from the champion's weights; it gets a Parquet
   export, not a handle on the store.
-- Promotion only when the challenger is finite and its forecast MAE beats the champion's by the margin; the
+- Promotion only when the challenger is finite and its `gate.metric` (CRPS of the sample paths by default,
+  or the median's MAE) beats the champion's by the margin; the
   pair is copied into the registry, loaded back with its hashes verified, given a smoke forecast, and only
   then swapped in. Every decision lands in `model_events`, the log, and MQTT events.
 """
@@ -33,7 +34,8 @@ from daemon.config import KronosConfig
 from daemon.forecaster import Champion, ForecastService, build_predictor, forecast_window
 from daemon.mqtt import Publisher
 from daemon.registry import ModelRegistry
-from kronos_model.finetune.checkpoint import load_pair
+from kronos_model.checkpoint import load_pair
+from kronos_model.data import candles_to_frame
 from kronos_model.finetune.gate import evaluate_pair
 from kronos_model.hub import CheckpointError
 from storage.forecasts import insert_model_event
@@ -42,14 +44,6 @@ from storage.writer import StoreWriter
 
 log = structlog.get_logger("daemon.continual")
 Pair = tuple[str, str]
-
-
-def _kronos_layout(candles: pl.DataFrame) -> pl.DataFrame:
-    return candles.select(
-        "symbol",
-        pl.from_epoch("open_time", time_unit="ms").alias("timestamps"),
-        "open", "high", "low", "close", "volume", pl.col("quote_volume").alias("amount"),
-    )
 
 
 class ContinualTrainer:
@@ -127,17 +121,14 @@ class ContinualTrainer:
             candles = await self.writer.run(
                 lambda store, s=symbol, i=interval, a=begin, b=end: store.read_candles(s, i, a, b))
             cut = last - schedule.holdout_candles * step  # candles after `cut` are held out
-            train_parts.append(_kronos_layout(candles.filter(pl.col("open_time") <= cut)))
+            train_parts.append(candles_to_frame(candles.filter(pl.col("open_time") <= cut)))
             gate_from = cut - forecast.lookback * step  # the held-out targets need a look-back before them
-            gate_parts.append(_kronos_layout(candles.filter(pl.col("open_time") > gate_from)))
+            gate_parts.append(candles_to_frame(candles.filter(pl.col("open_time") > gate_from)))
         if not train_parts:
             raise ValueError("no stored candles for the training pairs yet")
         data_path = run_dir / "data.parquet"
         pl.concat(train_parts).write_parquet(data_path)
-        gate_frame = pl.concat(gate_parts).with_columns(pl.col("amount").fill_null(
-            pl.col("volume") * (pl.col("open") + pl.col("high") + pl.col("low") + pl.col("close")) / 4),
-            pl.lit(False).alias("amount_derived"))
-        return data_path, gate_frame
+        return data_path, pl.concat(gate_parts)
 
     def _trainer_config(self, run_dir: Path, data_path: Path, champion_dir: Path) -> Path:
         forecast, model = self.config.forecast, self.config.model
@@ -268,13 +259,11 @@ class ContinualTrainer:
 
     async def _smoke(self, version: str, tokenizer, model, frame: pl.DataFrame) -> bool:
         forecast = self.config.forecast
-        candles = frame.tail(forecast.lookback).select(
-            pl.col("timestamps").dt.epoch("ms").alias("open_time"), "open", "high", "low", "close", "volume",
-            pl.col("amount").alias("quote_volume"))
-        step = int(np.diff(candles["open_time"].to_numpy()[-2:])[0])
+        window = frame.tail(forecast.lookback)
+        step = int(np.diff(window["timestamps"].dt.epoch("ms").to_numpy()[-2:])[0])
         champion = Champion(version, build_predictor(tokenizer, model, self.config.model))
         try:
-            result = await asyncio.to_thread(forecast_window, champion, candles, step, forecast, 0)
+            result = await asyncio.to_thread(forecast_window, champion, window, step, forecast, 0)
         except Exception:
             log.exception("smoke_forecast_failed", model_version=version)
             return False

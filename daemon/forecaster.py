@@ -31,8 +31,15 @@ from daemon.config import ForecastConfig, ModelConfig
 from daemon.ledger import rolling_scores
 from daemon.mqtt import Publisher
 from kronos_model import Forecast, Kronos, KronosPredictor, KronosTokenizer
-from storage.forecasts import FORECAST_COLUMNS, insert_forecasts, insert_model_event, newest_forecast_origins
-from storage.intervals import interval_ms
+from kronos_model.data import FEATURES, candles_to_frame
+from storage.forecasts import (
+    FORECAST_COLUMNS,
+    STORED_QUANTILES,
+    insert_forecasts,
+    insert_model_event,
+    newest_forecast_origins,
+)
+from storage.intervals import format_ms, interval_ms
 from storage.writer import StoreWriter
 
 log = structlog.get_logger("daemon.forecaster")
@@ -51,21 +58,21 @@ def build_predictor(tokenizer: KronosTokenizer, model: Kronos, config: ModelConf
     return KronosPredictor(model.to(dtype), tokenizer.to(dtype), device=device, max_context=config.max_context)
 
 
-def forecast_window(champion: Champion, candles: pl.DataFrame, step_ms: int, config: ForecastConfig,
+def forecast_window(champion: Champion, frame: pl.DataFrame, step_ms: int, config: ForecastConfig,
                     seed: int) -> Forecast:
-    """Forecast the `config.horizon` candles after `candles` (the look-back, oldest first)."""
-    times = pl.from_epoch(candles["open_time"], time_unit="ms")
-    last = int(candles["open_time"][-1])
+    """Forecast the `config.horizon` candles after `frame` (a Kronos frame of the look-back, oldest first)."""
+    last = int(frame["timestamps"].dt.epoch("ms")[-1])
     future = pl.from_epoch(pl.Series([last + step_ms * k for k in range(1, config.horizon + 1)]), time_unit="ms")
-    frame = candles.select("open", "high", "low", "close", "volume",
-                           pl.col("quote_volume").alias("amount"))
-    if frame["amount"].null_count():
-        # the original's fallback for missing quote volume
-        frame = frame.with_columns(pl.col("amount").fill_null(
-            pl.col("volume") * (pl.col("open") + pl.col("high") + pl.col("low") + pl.col("close")) / 4))
-    return champion.predictor.forecast(frame, times, future, config.horizon, T=config.temperature,
-                                       top_k=config.top_k, top_p=config.top_p, sample_count=config.sample_paths,
-                                       seed=seed, quantiles=config.quantiles)
+    return champion.predictor.forecast(frame.select(FEATURES), frame["timestamps"], future, config.horizon,
+                                       T=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                                       sample_count=config.sample_paths, seed=seed, quantiles=config.quantiles)
+
+
+def target_times_ms(origin_ms: int, interval: str, steps: int) -> list[int]:
+    """The open times the forecast steps stand for, straight from the origin: times stay integer ms from the
+    store to the table and the payload (the model's calendar features are its own business)."""
+    step_ms = interval_ms(interval)
+    return [origin_ms + step_ms * k for k in range(1, steps + 1)]
 
 
 def forecast_rows(result: Forecast, symbol: str, interval: str, origin_ms: int, version: str,
@@ -74,12 +81,12 @@ def forecast_rows(result: Forecast, symbol: str, interval: str, origin_ms: int, 
     data: dict[str, Any] = {
         "symbol": [symbol] * steps, "interval": [interval] * steps, "origin_time": [origin_ms] * steps,
         "model_version": [version] * steps, "step": list(range(1, steps + 1)),
-        "target_time": result.timestamps.as_unit("ms").asi8.tolist(), "issued_at": [issued_ms] * steps,
+        "target_time": target_times_ms(origin_ms, interval, steps), "issued_at": [issued_ms] * steps,
         "sample_paths": [len(result.paths)] * steps, "last_close": [result.last_close] * steps,
     }
     for j, column in enumerate(FORECAST_COLUMNS):
         data[f"{column}_mean"] = result.mean[:, j]
-        for q, name in ((0.1, "p10"), (0.5, "p50"), (0.9, "p90")):
+        for q, name in STORED_QUANTILES.items():
             data[f"{column}_{name}"] = result.quantiles[q][:, j]
     data["prob_up"] = result.prob_up
     return pl.DataFrame(data)
@@ -88,17 +95,14 @@ def forecast_rows(result: Forecast, symbol: str, interval: str, origin_ms: int, 
 def forecast_payload(result: Forecast, symbol: str, interval: str, origin_ms: int, version: str,
                      issued_ms: int) -> dict[str, Any]:
     """The MQTT payload (documented in the README)."""
-    def iso(ms: int) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
-
     columns = list(FORECAST_COLUMNS)
     return {
-        "symbol": symbol, "interval": interval, "issued_at": iso(issued_ms), "origin_time": iso(origin_ms),
+        "symbol": symbol, "interval": interval, "issued_at": format_ms(issued_ms), "origin_time": format_ms(origin_ms),
         "model_version": version, "last_close": result.last_close, "sample_paths": len(result.paths),
-        "timestamps": [iso(int(t)) for t in result.timestamps.as_unit("ms").asi8],
+        "timestamps": [format_ms(t) for t in target_times_ms(origin_ms, interval, len(result.timestamps))],
         "mean": {c: np.round(result.mean[:, j], 8).tolist() for j, c in enumerate(columns)},
         **{name: {c: np.round(result.quantiles[q][:, j], 8).tolist() for j, c in enumerate(columns)}
-           for q, name in ((0.1, "p10"), (0.5, "p50"), (0.9, "p90"))},
+           for q, name in STORED_QUANTILES.items()},
         "prob_up": np.round(result.prob_up, 4).tolist(),
     }
 
@@ -194,7 +198,7 @@ class ForecastService:
                      have=candles.height, need=config.lookback)
             return False
         seed = config.seed + origin_ms // step  # reproducible per origin
-        result = await asyncio.to_thread(forecast_window, champion, candles, step, config, seed)
+        result = await asyncio.to_thread(forecast_window, champion, candles_to_frame(candles), step, config, seed)
         model_done = time.monotonic()
         issued = int(time.time() * 1000)
         if origin_ms <= self.newest_origin.get(pair, -1):
@@ -219,5 +223,5 @@ class ForecastService:
                  model_version=champion.version, latency_ms=None if latency is None else round(latency, 1),
                  read_ms=round((read_done - began) * 1000, 1), model_ms=round((model_done - read_done) * 1000, 1),
                  store_ms=round((stored - model_done) * 1000, 1),
-                 p50_close_next=round(float(result.quantiles[0.5][0, 3]), 2), prob_up_next=float(result.prob_up[0]))
+                 p50_close_next=round(float(result.close_quantile(0.5)[0]), 2), prob_up_next=float(result.prob_up[0]))
         return True

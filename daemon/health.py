@@ -58,7 +58,7 @@ def pair_health(daemon: Daemon) -> list[PairHealth]:
         pair = (symbol, interval)
         connection = None
         if ingestor is not None:
-            connection = next((c for c in ingestor.connections if pair in c.subscribed), None)
+            connection = next((c for c in ingestor.connections if pair in c.pairs), None)
         if connection is None or ingestor is None:
             result.append(PairHealth(symbol, interval, False, None, None, None, True, False, None))
             continue

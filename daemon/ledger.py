@@ -22,8 +22,10 @@ import numpy as np
 import polars as pl
 
 from kronos_model.evaluation import metrics
+from storage.forecasts import STORED_QUANTILES, forecasts_with_outcomes
+from storage.intervals import format_ms
+from storage.store import newest_open_time
 
-LEDGER_LEVELS = (0.1, 0.5, 0.9)
 _DURATION = re.compile(r"^(\d+)([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -78,33 +80,8 @@ class LedgerScore:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
 
-def _load(con: duckdb.DuckDBPyConnection, symbol: str | None, interval: str | None, model_version: str | None,
-          since: datetime | None) -> pl.DataFrame:
-    conditions, params = ["TRUE"], []
-    for column, value in (("symbol", symbol), ("interval", interval), ("model_version", model_version)):
-        if value is not None:
-            conditions.append(f"f.{column} = ?")
-            params.append(value)
-    if since is not None:
-        conditions.append("f.origin_time >= make_timestamptz(?::BIGINT * 1000)")
-        params.append(int(since.timestamp() * 1000))
-    query = f"""
-        SELECT f.symbol, f.interval, f.model_version, epoch_ms(f.origin_time) AS origin_ms, f.step,
-               f.last_close, f.close_p10, f.close_p50, f.close_p90, f.prob_up, c.close AS actual
-        FROM forecasts f LEFT JOIN candles c
-          ON c.symbol = f.symbol AND c.interval = f.interval AND c.open_time = f.target_time
-        WHERE {" AND ".join(conditions)}
-        ORDER BY f.symbol, f.interval, f.model_version, f.origin_time, f.step
-    """
-    try:
-        return con.sql(query, params=params).pl()
-    except duckdb.CatalogException as exc:
-        raise ValueError(f"this database has no forecasts to score ({str(exc).splitlines()[0]}); it was written by "
-                         "a kronosd without forecasts (schema < 2): run the daemon with this version first") from exc
-
-
 def _iso(ms: int | None) -> str | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if ms is None else format_ms(ms)
 
 
 def _per_origin_mean(origin: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -120,10 +97,10 @@ def _score_group(key: tuple[str, str, str], rows: pl.DataFrame, window: str) -> 
     origin = realised["origin_ms"].to_numpy()
     actual, last = realised["actual"].to_numpy(), realised["last_close"].to_numpy()
     median = realised["close_p50"].to_numpy()
-    quantiles = {level: realised[f"close_p{round(level * 100):02d}"].to_numpy() for level in LEDGER_LEVELS}
+    quantiles = {level: realised[f"close_{name}"].to_numpy() for level, name in STORED_QUANTILES.items()}
     absolute, absolute_reference = np.abs(median - actual), np.abs(last - actual)
-    pinball = np.mean([metrics.pinball_loss(quantiles[q], actual, q) for q in LEDGER_LEVELS], axis=0)
-    pinball_reference = np.mean([metrics.pinball_loss(last, actual, q) for q in LEDGER_LEVELS], axis=0)
+    pinball = np.mean([metrics.pinball_loss(quantiles[q], actual, q) for q in STORED_QUANTILES], axis=0)
+    pinball_reference = np.mean([metrics.pinball_loss(last, actual, q) for q in STORED_QUANTILES], axis=0)
     # Forecasts issued every candle overlap by up to horizon - 1 steps: that many DM lags.
     horizon = int(realised["step"].max())
     dm_mae = metrics.diebold_mariano(_per_origin_mean(origin, absolute),
@@ -167,15 +144,13 @@ def score_ledger(con: duckdb.DuckDBPyConnection, *, window: timedelta | None = N
     since = None
     if window is not None:
         if now is None:
-            pairs = [(c, v) for c, v in (("symbol", symbol), ("interval", interval)) if v is not None]
-            where = " AND ".join(f"{c} = ?" for c, _ in pairs) or "TRUE"
-            latest = con.execute(f"SELECT epoch_ms(max(open_time)) FROM candles WHERE {where}",
-                                 [v for _, v in pairs]).fetchall()[0][0]
+            latest = newest_open_time(con, symbol, interval)
             now = datetime.fromtimestamp(latest / 1000, UTC) if latest is not None else datetime.now(UTC)
         if now.tzinfo is None:  # naive times in this project are UTC
             now = now.replace(tzinfo=UTC)
         since = now - window
-    rows = _load(con, symbol, interval, model_version, since)
+    rows = forecasts_with_outcomes(con, symbol=symbol, interval=interval, model_version=model_version,
+                                   since_ms=None if since is None else int(since.timestamp() * 1000))
     label = window_label or ("all" if window is None else _label(window))
     scores = []
     for key, group in rows.group_by(["symbol", "interval", "model_version"], maintain_order=True):
@@ -183,6 +158,20 @@ def score_ledger(con: duckdb.DuckDBPyConnection, *, window: timedelta | None = N
         if score is not None:
             scores.append(score)
     return scores
+
+
+def overall_errors(con: duckdb.DuckDBPyConnection) -> dict[str, float | int | None]:
+    """Every realised step of every stored forecast: median-close MAE against the random walk (last close)
+    and the share of right direction calls, as the daemon's summary reports them."""
+    realised = forecasts_with_outcomes(con).filter(pl.col("actual").is_not_null())
+    if realised.is_empty():
+        return {"scored_steps": 0, "mae": None, "mae_random_walk": None, "direction_accuracy": None}
+    actual, last = realised["actual"].to_numpy(), realised["last_close"].to_numpy()
+    median = realised["close_p50"].to_numpy()
+    called, correct = metrics.direction_hits(median, actual, last)
+    return {"scored_steps": realised.height, "mae": float(np.abs(median - actual).mean()),
+            "mae_random_walk": float(np.abs(last - actual).mean()),
+            "direction_accuracy": float(correct.sum() / called.sum()) if called.any() else None}
 
 
 def rolling_scores(con: duckdb.DuckDBPyConnection, window: timedelta = timedelta(days=7),
@@ -200,14 +189,15 @@ def _label(window: timedelta) -> str:
 
 
 def format_table(scores: list[LedgerScore]) -> str:
-    """A fixed-width table for the terminal."""
-    header = (f"{'symbol':<10} {'int':<4} {'model_version':<24} {'window':<6} {'origins':>7} {'pending':>7} "
+    """A fixed-width table for the terminal; version ids are printed whole so they paste into `models promote`."""
+    width = max([len("model_version"), *(len(s.model_version) for s in scores)])
+    header = (f"{'symbol':<10} {'int':<4} {'model_version':<{width}} {'window':<6} {'origins':>7} {'pending':>7} "
               f"{'MAE':>10} {'MAE/RW':>7} {'DM p':>7} {'QL/RW':>6} {'cov80':>6} {'dir':>6} {'brier':>6}")
     lines = [header, "-" * len(header)]
     for s in scores:
         ql_ratio = s.quantile_loss / s.quantile_loss_random_walk if s.quantile_loss_random_walk > 0 else math.nan
         lines.append(
-            f"{s.symbol:<10} {s.interval:<4} {s.model_version[:24]:<24} {s.window:<6} {s.origins:>7} "
+            f"{s.symbol:<10} {s.interval:<4} {s.model_version:<{width}} {s.window:<6} {s.origins:>7} "
             f"{s.pending_steps:>7} {s.mae:>10.4g} {s.relative_mae:>7.3f} {s.dm_pvalue_mae:>7.3f} {ql_ratio:>6.3f} "
             f"{s.coverage_80:>6.1%} {s.direction_accuracy:>6.1%} {s.brier_prob_up:>6.3f}"
         )

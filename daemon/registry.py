@@ -19,26 +19,12 @@ import time
 from pathlib import Path
 
 from kronos_model import Kronos, KronosTokenizer
-from kronos_model.finetune.checkpoint import load_pair, write_checkpoint
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+from kronos_model.checkpoint import fsync_path, fsync_tree, load_pair, write_checkpoint
 
 
 def _copy_tree_synced(source: Path, target: Path) -> None:
     shutil.copytree(source, target)
-    for path in sorted(target.rglob("*"), reverse=True):
-        descriptor = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-    _fsync_dir(target)
+    fsync_tree(target)
 
 
 # The names `add` gives versions: v<UTC time>-<first 8 hex digits of the manifest's sha256>.
@@ -98,7 +84,7 @@ class ModelRegistry:
             shutil.rmtree(temporary)
         _copy_tree_synced(checkpoint_dir, temporary)
         os.rename(temporary, self.root / version)
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         return version
 
     def add_pair(self, tokenizer: KronosTokenizer, model: Kronos, manifest: dict) -> str:
@@ -116,7 +102,7 @@ class ModelRegistry:
             temporary.unlink()
         os.symlink(version, temporary)
         os.replace(temporary, self.root / alias)
-        _fsync_dir(self.root)
+        fsync_path(self.root)
 
     def promote(self, version: str) -> None:
         """current -> version, previous -> what current was."""

@@ -31,7 +31,6 @@ import numpy as np
 import structlog
 import torch
 
-from daemon.commands.market_common import rest_settings, stream_settings
 from daemon.config import KronosConfig, load_config
 from daemon.continual import ContinualTrainer
 from daemon.forecaster import ForecastService
@@ -41,6 +40,7 @@ from daemon.http.events import EventHub
 from daemon.http.metrics import DaemonMetrics
 from daemon.http.server import HttpServer, build_app
 from daemon.http.source import LiveSource
+from daemon.ledger import overall_errors
 from daemon.market.counters import IngestCounters
 from daemon.market.live import LiveIngestor
 from daemon.market.rejects import RejectLog
@@ -48,9 +48,10 @@ from daemon.market.rest import BinanceRestClient, IpBannedError
 from daemon.mqtt import Publisher
 from daemon.notify import Notifier
 from daemon.registry import ModelRegistry
+from daemon.wiring import open_writer, rest_settings, stream_settings
 from kronos_model import Kronos, KronosTokenizer
 from kronos_model.finetune.config import TINY_PREDICTOR, TINY_TOKENIZER
-from storage.forecasts import forecast_error_summary, insert_model_event
+from storage.forecasts import insert_model_event
 from storage.writer import StoreWriter
 
 log = structlog.get_logger("daemon.service")
@@ -153,10 +154,7 @@ class Daemon:
     # -- building blocks -------------------------------------------------------------------------
 
     def _writer(self) -> StoreWriter:
-        storage = self.config.storage
-        return StoreWriter(storage.live_path, snapshot_path=storage.snapshot_path,
-                           snapshot_interval_s=storage.snapshot_interval_s, memory_limit=storage.memory_limit,
-                           threads=storage.threads, snapshot_storage_version=storage.snapshot_storage_version)
+        return open_writer(self.config)
 
     def _on_stored(self, pair: tuple[str, str], newest_open_time: int) -> None:
         self.forecaster.on_candle(pair, newest_open_time)
@@ -316,7 +314,7 @@ class Daemon:
         self.writer.on_snapshot = self.metrics.on_snapshot
         try:
             self.started_candles = await self.writer.run(
-                lambda store: store.con.execute("SELECT count(*) FROM candles").fetchall()[0][0])
+                lambda store: store.count_candles())
             self.registry = ModelRegistry(self.state_dir / "models", self.config.model.keep_versions)
             self._start_publisher()
             self.forecaster = ForecastService(self.writer, self.config.forecast, self.config.model, self.publisher)
@@ -446,8 +444,8 @@ class Daemon:
         return summary
 
     async def summary(self) -> dict[str, Any]:
-        total = await self.writer.run(lambda store: store.con.execute("SELECT count(*) FROM candles").fetchall()[0][0])
-        errors = await self.writer.run(lambda store: forecast_error_summary(store.con))
+        total = await self.writer.run(lambda store: store.count_candles())
+        errors = await self.writer.run(lambda store: overall_errors(store.con))
         lat = self.forecaster.latencies_ms
         ingestor = getattr(self, "ingestor", None)
         return {

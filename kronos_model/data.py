@@ -20,7 +20,10 @@ import numpy as np
 import polars as pl
 import torch
 
-FEATURES = ("open", "high", "low", "close", "volume", "amount")
+from kronos_model.predictor import FEATURE_COLUMNS as FEATURES  # one column order for files and the model
+
+# Epoch times above this are microseconds: milliseconds stay below it until the year 2286.
+MICROSECOND_EPOCH_THRESHOLD = 10**13
 
 
 def read_candles(path: str | Path, symbol: str | None = None) -> pl.DataFrame:
@@ -37,22 +40,45 @@ def read_candles(path: str | Path, symbol: str | None = None) -> pl.DataFrame:
         frame = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path, infer_schema_length=None)
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise ValueError(f"{path}: cannot read candles: {exc}") from exc
-    if "open_time" in frame.columns:
-        if frame["open_time"].dtype.is_integer():
-            unit = "us" if frame["open_time"].max() > 10**14 else "ms"
-            frame = frame.with_columns(pl.from_epoch("open_time", time_unit=unit).alias("timestamps"))
-        else:
-            frame = frame.with_columns(pl.col("open_time").str.to_datetime().alias("timestamps"))
-        if "quote_volume" in frame.columns and "amount" not in frame.columns:
-            frame = frame.rename({"quote_volume": "amount"})
-    elif "timestamps" in frame.columns:
-        if frame["timestamps"].dtype == pl.String:
-            frame = frame.with_columns(pl.col("timestamps").str.to_datetime())
-    else:
-        raise ValueError(f"{path}: need an 'open_time' (Binance layout) or 'timestamps' column, got {frame.columns}")
     if "symbol" not in frame.columns:
         frame = frame.with_columns(pl.lit(symbol or path.name.split("_")[0].split(".")[0]).alias("symbol"))
+    if "open_time" in frame.columns:
+        return candles_to_frame(frame, str(path))
+    if "timestamps" not in frame.columns:
+        raise ValueError(f"{path}: need an 'open_time' (Binance layout) or 'timestamps' column, got {frame.columns}")
+    if frame["timestamps"].dtype == pl.String:
+        frame = frame.with_columns(pl.col("timestamps").str.to_datetime())
     return normalise_frame(frame, str(path))
+
+
+def candles_to_frame(candles: pl.DataFrame, where: str = "candles") -> pl.DataFrame:
+    """Candles in the exchange layout — `open_time` (epoch ms, or µs as in 2025+ archives; integers, whole
+    floats or ISO text), open..volume, `quote_volume` — as the Kronos frame of `normalise_frame`.
+
+    The one conversion from stored or downloaded candles to what the model reads: the forecaster, the
+    fine-tune data, the gate and `evaluate` all go through it.
+    """
+    frame = candles
+    if frame["open_time"].dtype.is_float():
+        frame = frame.with_columns(_integral_epoch(frame["open_time"], where))
+    if frame["open_time"].dtype.is_integer():
+        unit = "us" if frame.height and frame["open_time"].max() > MICROSECOND_EPOCH_THRESHOLD else "ms"
+        frame = frame.with_columns(pl.from_epoch("open_time", time_unit=unit).alias("timestamps"))
+    else:
+        frame = frame.with_columns(pl.col("open_time").str.to_datetime().alias("timestamps"))
+    if "quote_volume" in frame.columns and "amount" not in frame.columns:
+        frame = frame.rename({"quote_volume": "amount"})
+    return normalise_frame(frame, where)
+
+
+def _integral_epoch(column: pl.Series, where: str) -> pl.Series:
+    """Epoch times written as floats (`1.9065e+12`, as pandas writes them after a resample) back to integers."""
+    whole = column.is_finite() & (column == column.floor())
+    if not whole.all():
+        row = int((~whole).arg_true()[0])
+        raise ValueError(f"{where}: open_time must hold whole epoch milliseconds (or microseconds); row {row + 2} "
+                         f"has {column[row]!r}")
+    return column.cast(pl.Int64)
 
 
 def normalise_frame(frame: pl.DataFrame, where: str = "candles") -> pl.DataFrame:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import torch
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -30,6 +32,10 @@ from safetensors.torch import load_file, save_file
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
+
+# How long to wait for a TCP connection to the hub before calling it unreachable: huggingface_hub itself
+# retries a failed name lookup with backoff for ~28 s before giving up.
+HUB_PROBE_TIMEOUT_S = 3.0
 
 # Buffers fully determined by the config; older or foreign files may lack them.
 DERIVED_BUFFER_SUFFIXES = ("rotary.inv_freq", "bsq.basis", "bsq.group_basis")
@@ -73,9 +79,11 @@ def _fetch(repo_or_dir: str | os.PathLike, filename: str, revision, cache_dir, l
         raise CheckpointError(
             f"{repo_id!r} is neither an existing directory nor a hub id like 'NeoQuasar/Kronos-small'"
         )
+    # Unreachable hub: answer from the cache at once instead of after huggingface_hub's retries.
+    offline = local_files_only or not _hub_reachable()
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                                    local_files_only=local_files_only))
+                                    local_files_only=offline))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
         raise CheckpointError(
             f"{repo_id} (revision {revision or 'main'}) is not in the local Hugging Face cache and the hub "
@@ -88,6 +96,24 @@ def _fetch(repo_or_dir: str | os.PathLike, filename: str, revision, cache_dir, l
         raise CheckpointError(f"cannot get {filename} of {repo_id} at revision {revision or 'main'}: {exc}") from exc
     except HfHubHTTPError as exc:
         raise CheckpointError(f"downloading {filename} of {repo_id} failed: {exc}") from exc
+
+
+def _hub_reachable() -> bool:
+    """Whether a TCP connection to the hub endpoint opens within HUB_PROBE_TIMEOUT_S.
+
+    Behind a proxy the endpoint is not reached directly, so the probe is skipped and huggingface_hub decides.
+    """
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname or "", port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError:
+        return False
+    return True
 
 
 def _read_config(path: Path, cls: type) -> dict[str, Any]:

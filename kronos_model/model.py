@@ -7,7 +7,7 @@ embedding -> causal trunk -> s1 head, and a dependency layer -> s2 head).
 Everything here is checkpoint-compatible with the released NeoQuasar/Kronos-* weights: the constructor
 arguments are the keys of their `config.json`, the module attribute names are their state-dict keys, and the
 persistent buffers (`*.rotary.inv_freq`, `tokenizer.bsq.basis`, `tokenizer.bsq.group_basis`) are kept. The
-numbers match the original implementation in eval mode (see tests/test_reference_fixtures.py).
+numbers match the original implementation in eval mode (see tests/test_model_reference.py).
 
 Deliberate behaviour kept from the original because the weights were trained with it:
 - rotary positions restart at 0 for every call (window-relative);

@@ -27,6 +27,7 @@ from kronos_model.model import Kronos, KronosTokenizer, check_pair
 PRICE_COLUMNS = ("open", "high", "low", "close")
 FEATURE_COLUMNS = (*PRICE_COLUMNS, "volume", "amount")
 DEFAULT_QUANTILES = (0.1, 0.5, 0.9)
+CLOSE = FEATURE_COLUMNS.index("close")  # the column forecasts are scored on
 
 
 def auto_device() -> str:
@@ -114,9 +115,20 @@ class Forecast:
         return self.paths.mean(axis=0)
 
     @property
+    def close_paths(self) -> np.ndarray:
+        """(S, P): every sample path's close."""
+        return self.paths[:, :, self.columns.index("close")]
+
+    @property
     def prob_up(self) -> np.ndarray:
         """(P,): share of paths whose close at each step is above the last observed close."""
-        return (self.paths[:, :, self.columns.index("close")] > self.last_close).mean(axis=0)
+        return (self.close_paths > self.last_close).mean(axis=0)
+
+    def close_quantile(self, level: float) -> np.ndarray:
+        """(P,): the `level` quantile of the close at each step."""
+        if level in self.quantiles:
+            return self.quantiles[level][:, self.columns.index("close")]
+        return np.quantile(self.close_paths, level, axis=0)
 
     def mean_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.mean, columns=list(self.columns), index=self.timestamps.rename("timestamps"))
@@ -130,6 +142,19 @@ class Forecast:
                 data[f"{column}_p{round(q * 100):02d}"] = self.quantiles[q][:, j]
         data["prob_up"] = self.prob_up
         return pd.DataFrame(data, index=self.timestamps.rename("timestamps"))
+
+
+@dataclass
+class _Prepared:
+    """One series ready for generation: normalised look-back, its statistics and calendar stamps."""
+
+    normed: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    x_stamp: np.ndarray
+    y_stamp: np.ndarray
+    y_index: pd.DatetimeIndex
+    last_close: float
 
 
 class KronosPredictor:
@@ -152,7 +177,7 @@ class KronosPredictor:
 
     # -- the engine ---------------------------------------------------------------------------------------
 
-    def _prepare(self, df, x_timestamp, y_timestamp, pred_len: int, where: str):
+    def _prepare(self, df, x_timestamp, y_timestamp, pred_len: int, where: str) -> _Prepared:
         if not isinstance(pred_len, int | np.integer) or not 1 <= pred_len <= self.max_context:
             raise ValueError(f"pred_len must be an integer between 1 and max_context ({self.max_context}), "
                              f"got {pred_len!r}; forecast longer horizons in several calls")
@@ -170,7 +195,8 @@ class KronosPredictor:
             raise ValueError(f"{where}y_timestamp has {len(y_index)} entries but pred_len is {pred_len}")
         mean, std = x.mean(axis=0), x.std(axis=0)
         normed = np.clip((x - mean) / (std + 1e-5), -self.clip, self.clip)
-        return normed, mean, std, calendar_stamps(x_index), calendar_stamps(y_index), y_index, features
+        return _Prepared(normed, mean, std, calendar_stamps(x_index), calendar_stamps(y_index), y_index,
+                         float(features[-1, CLOSE]))
 
     def forecast_batch(
         self,
@@ -198,27 +224,28 @@ class KronosPredictor:
         prepared = []
         for i, (df, xt, yt) in enumerate(zip(df_list, x_timestamp_list, y_timestamp_list, strict=True)):
             prepared.append(self._prepare(df, xt, yt, pred_len, f"series {i}: " if len(df_list) > 1 else ""))
-        lengths = {len(p[0]) for p in prepared}
+        lengths = {len(p.normed) for p in prepared}
         if len(lengths) > 1:
             raise ValueError(f"all series must have the same look-back length, got {sorted(lengths)}")
 
         dtype = next(self.tokenizer.parameters()).dtype  # follow a model cast to bf16/fp16
 
-        def batch(k: int) -> torch.Tensor:
-            return torch.from_numpy(np.stack([p[k] for p in prepared])).to(self.device, dtype)
+        def batch(part: str) -> torch.Tensor:
+            return torch.from_numpy(np.stack([getattr(p, part) for p in prepared])).to(self.device, dtype)
 
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         self.model.eval()
         self.tokenizer.eval()
-        generated = generate(self.tokenizer, self.model, batch(0), batch(3), batch(4), self.max_context, pred_len,
-                             sample_count, T, top_k, top_p, generator=generator, verbose=verbose)
+        generated = generate(self.tokenizer, self.model, batch("normed"), batch("x_stamp"), batch("y_stamp"),
+                             self.max_context, pred_len, sample_count, T, top_k, top_p, generator=generator,
+                             verbose=verbose)
         values = generated.values.float().cpu().numpy()  # (B, S, P, 6)
         results = []
-        for (_, mean, std, _, _, y_index, features), paths in zip(prepared, values, strict=True):
-            denormalised = (paths * (std + 1e-5) + mean).astype(np.float64)
-            results.append(Forecast(y_index, denormalised, float(features[-1, 3]),
+        for series, paths in zip(prepared, values, strict=True):
+            denormalised = (paths * (series.std + 1e-5) + series.mean).astype(np.float64)
+            results.append(Forecast(series.y_index, denormalised, series.last_close,
                                     quantile_levels=tuple(quantiles)))
         return results
 

@@ -29,31 +29,10 @@ CANDLE_SCHEMA: dict[str, pl.DataType] = {
     "source": pl.String(),
 }
 
-# Binance kline file layout (12 columns; the last, "ignore", is dropped on read).
-KLINE_FILE_COLUMNS = (
-    "open_time",
-    "open",
-    "high",
-    "low",
-    "close",
-    "volume",
-    "close_time",
-    "quote_volume",
-    "trades",
-    "taker_buy_base",
-    "taker_buy_quote",
-)
-
-# Which source wins when the same candle arrives twice: the REST and archive answers are the
-# exchange's record; a websocket event is a cache of it.
-SOURCE_RANK = {"rest": 2, "archive": 2, "import": 2, "websocket": 1}
-
-
-def source_rank(source: str) -> int:
-    try:
-        return SOURCE_RANK[source]
-    except KeyError:
-        raise ValueError(f"unknown candle source {source!r}; expected one of {sorted(SOURCE_RANK)}") from None
+# Which copy of a candle wins when it arrives twice: a provisional copy (a live stream's, sent as the candle
+# closes) never replaces a copy of record (a REST answer, an archive file, an import). Any other source name
+# is a source of record; the store does not need to know which exchange or feed it came from.
+PROVISIONAL_SOURCES = frozenset({"websocket"})
 
 
 def empty_candles() -> pl.DataFrame:
@@ -82,7 +61,7 @@ def dedupe_batch(frame: pl.DataFrame) -> pl.DataFrame:
     """One row per (symbol, interval, open_time), ready for a single upsert statement.
 
     Open candles are dropped (they are never stored). Among the remaining versions of a candle the
-    higher-ranked source wins (REST over websocket) and, within a source, the later row wins.
+    copy of record wins over a provisional one and, among equals, the later row wins.
     This must happen before the upsert: DuckDB silently keeps the *first* duplicate of a key in one
     statement.
     """
@@ -90,7 +69,7 @@ def dedupe_batch(frame: pl.DataFrame) -> pl.DataFrame:
         return conform(frame) if frame.columns else empty_candles()
     frame = conform(frame).filter(pl.col("is_closed"))
     ranked = frame.with_row_index("_arrival").with_columns(
-        pl.col("source").replace_strict(SOURCE_RANK, return_dtype=pl.Int8).alias("_rank")
+        pl.col("source").is_in(list(PROVISIONAL_SOURCES)).not_().cast(pl.Int8).alias("_rank")
     )
     return (
         ranked.sort(["symbol", "interval", "open_time", "_rank", "_arrival"])

@@ -9,7 +9,10 @@ import duckdb
 import polars as pl
 
 FORECAST_COLUMNS = ("open", "high", "low", "close", "volume", "amount")
-FORECAST_STATS = ("mean", "p10", "p50", "p90")
+# The quantile levels the forecasts table keeps, by column suffix; everything that writes or scores the
+# table takes them from here.
+STORED_QUANTILES: dict[float, str] = {0.1: "p10", 0.5: "p50", 0.9: "p90"}
+FORECAST_STATS = ("mean", *STORED_QUANTILES.values())
 
 
 def insert_forecasts(con: duckdb.DuckDBPyConnection, frame: pl.DataFrame) -> int:
@@ -47,15 +50,34 @@ def insert_model_event(con: duckdb.DuckDBPyConnection, kind: str, model_version:
     )
 
 
-def forecast_error_summary(con: duckdb.DuckDBPyConnection) -> dict[str, float | int | None]:
-    """MAE of the median forecast close vs the random walk (last close), over every realised step."""
-    row = con.execute(
-        """
-        SELECT count(*), avg(abs(f.close_p50 - c.close)), avg(abs(f.last_close - c.close)),
-               avg(CASE WHEN sign(f.close_p50 - f.last_close) = sign(c.close - f.last_close) THEN 1 ELSE 0 END)
-        FROM forecasts f JOIN candles c
+def forecasts_with_outcomes(con: duckdb.DuckDBPyConnection, *, symbol: str | None = None,
+                            interval: str | None = None, model_version: str | None = None,
+                            since_ms: int | None = None) -> pl.DataFrame:
+    """Every stored forecast step with the close that followed (`actual`, null while the target is open).
+
+    Columns: symbol, interval, model_version, origin_ms, step, last_close, close_<quantile>…, prob_up, actual;
+    ordered by pair, model version, origin and step. The one join of forecasts with candles: the ledger and
+    the daemon's summary both score from it.
+    """
+    conditions, params = ["TRUE"], []
+    for column, value in (("symbol", symbol), ("interval", interval), ("model_version", model_version)):
+        if value is not None:
+            conditions.append(f"f.{column} = ?")
+            params.append(value)
+    if since_ms is not None:
+        conditions.append("f.origin_time >= make_timestamptz(?::BIGINT * 1000)")
+        params.append(int(since_ms))
+    quantile_columns = ", ".join(f"f.close_{name}" for name in STORED_QUANTILES.values())
+    query = f"""
+        SELECT f.symbol, f.interval, f.model_version, epoch_ms(f.origin_time) AS origin_ms, f.step,
+               f.last_close, {quantile_columns}, f.prob_up, c.close AS actual
+        FROM forecasts f LEFT JOIN candles c
           ON c.symbol = f.symbol AND c.interval = f.interval AND c.open_time = f.target_time
-        """
-    ).fetchall()[0]
-    count, mae, mae_rw, direction = row
-    return {"scored_steps": int(count), "mae": mae, "mae_random_walk": mae_rw, "direction_accuracy": direction}
+        WHERE {" AND ".join(conditions)}
+        ORDER BY f.symbol, f.interval, f.model_version, f.origin_time, f.step
+    """
+    try:
+        return con.sql(query, params=params).pl()
+    except duckdb.CatalogException as exc:
+        raise ValueError(f"this database has no forecasts to score ({str(exc).splitlines()[0]}); it was written by "
+                         "a kronosd without forecasts (schema < 2): run the daemon with this version first") from exc

@@ -64,11 +64,11 @@ def ms_to_datetime(time_ms: int) -> datetime:
 
 
 def format_ms(time_ms: int) -> str:
-    """Readable UTC time for messages and reports."""
+    """ISO-8601 UTC with a `Z` (`2024-01-01T12:00:00Z`): the one time format of every human and JSON output."""
     moment = ms_to_datetime(time_ms)
     if time_ms % 1000:
-        return moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-    return moment.strftime("%Y-%m-%d %H:%M:%S" if time_ms % _MINUTE else "%Y-%m-%d %H:%M")
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_time(text: str) -> int:

@@ -14,22 +14,11 @@ from pathlib import Path
 
 import duckdb
 
+from storage.durable import fsync_path
+
 # Storage format of published snapshots: readable by DuckDB >= 1.4.0, not only by 2.x.
 SNAPSHOT_STORAGE_VERSION = "v1.4.0"
 SNAPSHOT_MODE = 0o640
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def publish_snapshot(
@@ -55,7 +44,14 @@ def publish_snapshot(
         con.execute(f"DETACH {alias}")
     # Readable by the service's group (who query it), by nobody else, whatever the process umask.
     os.chmod(temp, SNAPSHOT_MODE)
-    _fsync_file(temp)
+    fsync_path(temp)
     os.replace(temp, target)
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
     return target
+
+
+def open_read_only(path: str | Path) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to a published snapshot, times shown in UTC."""
+    con = duckdb.connect(str(path), read_only=True)
+    con.execute("SET TimeZone = 'UTC'")
+    return con

@@ -45,7 +45,8 @@ def candle_report(frame: pl.DataFrame, symbol: str, interval: str) -> dict[str, 
                 "until": after,
                 "from_utc": format_ms(before + step),
                 "until_utc": format_ms(after),
-                "missing_candles": round((after - before - step) / step, 3),
+                # whole candles: an off-grid neighbour (a shortened candle) does not make half a candle missing
+                "missing_candles": (after - before - 1) // step,
             }
             for before, after in gaps
         ],
@@ -91,7 +92,7 @@ def format_report(report: dict[str, Any], max_gaps: int = 50) -> str:
         f"  gaps: {len(report['gaps'])}",
     ]
     for gap in report["gaps"][:max_gaps]:
-        lines.append(f"    {gap['from_utc']} .. {gap['until_utc']} ({gap['missing_candles']:g} candles)")
+        lines.append(f"    {gap['from_utc']} .. {gap['until_utc']} ({gap['missing_candles']} candles)")
     if len(report["gaps"]) > max_gaps:
         lines.append(f"    … {len(report['gaps']) - max_gaps} more (use --json for all)")
     if "returns" in report:

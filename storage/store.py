@@ -27,7 +27,8 @@ import duckdb
 import polars as pl
 import structlog
 
-from storage.candles import dedupe_batch
+from storage.candles import PROVISIONAL_SOURCES, dedupe_batch
+from storage.durable import append_line_synced, fsync_path
 from storage.intervals import ceil_to_grid, format_ms, interval_ms
 from storage.schema import CANDLE_VALUE_COLUMNS, migrate
 
@@ -38,6 +39,8 @@ _CHANGED_ANY = " OR ".join(
     for name in ("close_time", *CANDLE_VALUE_COLUMNS, "trades")
 )
 
+_PROVISIONAL = ", ".join(f"'{source}'" for source in sorted(PROVISIONAL_SOURCES))
+
 # The upsert touches a stored candle only when a value changed, so repeating a backfill changes
 # nothing (not even ingested_at), and a websocket copy never overwrites the exchange's REST record.
 _UPSERT_SQL = f"""
@@ -45,14 +48,14 @@ INSERT INTO candles
 SELECT symbol, interval, make_timestamptz(open_time * 1000), make_timestamptz(close_time * 1000),
        open, high, low, close, volume, quote_volume, taker_buy_base, taker_buy_quote, trades,
        source, now()
-FROM staged
+FROM staged_candles
 ON CONFLICT (symbol, interval, open_time) DO UPDATE SET
     close_time = excluded.close_time, open = excluded.open, high = excluded.high, low = excluded.low,
     close = excluded.close, volume = excluded.volume, quote_volume = excluded.quote_volume,
     taker_buy_base = excluded.taker_buy_base, taker_buy_quote = excluded.taker_buy_quote,
     trades = excluded.trades, source = excluded.source, ingested_at = excluded.ingested_at
 WHERE ({_CHANGED_ANY})
-  AND NOT (excluded.source = 'websocket' AND candles.source <> 'websocket')
+  AND NOT (excluded.source IN ({_PROVISIONAL}) AND candles.source NOT IN ({_PROVISIONAL}))
 """
 
 
@@ -80,13 +83,6 @@ class RecoveryReport:
     quarantined_wal: Path | None = None
     lost_batches: list[int] = field(default_factory=list)
     lost_windows: list[LostWindow] = field(default_factory=list)
-
-
-def _fsync_append(path: Path, line: str) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 class CandleStore:
@@ -220,6 +216,8 @@ class CandleStore:
                 .sort("symbol", "interval")
                 .rows()
             )
+        # Registered by name: the SQL must not depend on what a Python local happens to be called.
+        self.con.register("staged_candles", staged)
         self.con.execute("BEGIN TRANSACTION")
         try:
             changed = self.con.execute(_UPSERT_SQL).fetchall()[0][0] if staged.height else 0
@@ -228,8 +226,10 @@ class CandleStore:
         except Exception:
             self.con.execute("ROLLBACK")
             raise
+        finally:
+            self.con.unregister("staged_candles")
         self._next_batch_id += 1
-        _fsync_append(self.journal_path, json.dumps({"batch": batch_id, "windows": [list(w) for w in windows]}))
+        append_line_synced(self.journal_path, json.dumps({"batch": batch_id, "windows": [list(w) for w in windows]}))
         return UpsertResult(batch_id, rows_in, int(changed))
 
     def record_gap(
@@ -264,9 +264,9 @@ class CandleStore:
         self.con.execute("FORCE CHECKPOINT")
         tmp = Path(f"{self.journal_path}.tmp")
         tmp.write_text(json.dumps({"checkpointed_batch": self._next_batch_id - 1}) + "\n", encoding="utf-8")
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        fsync_path(tmp)
         os.replace(tmp, self.journal_path)
+        fsync_path(self.journal_path.parent)
 
     def close(self) -> None:
         try:
@@ -276,11 +276,10 @@ class CandleStore:
 
     # -- reads ----------------------------------------------------------------------------------
     def last_open_time(self, symbol: str, interval: str) -> int | None:
-        row = self.con.execute(
-            "SELECT epoch_ms(max(open_time)) FROM candles WHERE symbol = ? AND interval = ?",
-            [symbol, interval],
-        ).fetchall()[0]
-        return int(row[0]) if row and row[0] is not None else None
+        return newest_open_time(self.con, symbol, interval)
+
+    def count_candles(self) -> int:
+        return count_candles(self.con)
 
     def read_candles(
         self, symbol: str, interval: str, start_ms: int | None = None, end_ms: int | None = None
@@ -344,6 +343,31 @@ def subtract_ranges(ranges: list[tuple[int, int]], removed: list[tuple[int, int]
             pieces = next_pieces
         result.extend(pieces)
     return result
+
+
+def count_candles(con: duckdb.DuckDBPyConnection) -> int:
+    return int(con.execute("SELECT count(*) FROM candles").fetchall()[0][0])
+
+
+def newest_open_time(con: duckdb.DuckDBPyConnection, symbol: str | None = None,
+                     interval: str | None = None) -> int | None:
+    """The newest stored open time (ms) of one pair, of every pair of a symbol or interval, or of all."""
+    filters = [(column, value) for column, value in (("symbol", symbol), ("interval", interval)) if value is not None]
+    where = " AND ".join(f"{column} = ?" for column, _ in filters) or "TRUE"
+    newest = con.execute(f"SELECT epoch_ms(max(open_time)) FROM candles WHERE {where}",
+                         [value for _, value in filters]).fetchall()[0][0]
+    return None if newest is None else int(newest)
+
+
+def stored_pairs(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
+    """Every (symbol, interval) with stored candles, sorted."""
+    return [(s, i) for s, i in con.execute("SELECT DISTINCT symbol, interval FROM candles ORDER BY 1, 2").fetchall()]
+
+
+def count_confirmed_empty(con: duckdb.DuckDBPyConnection, symbol: str, interval: str) -> int:
+    """Ranges the exchange confirmed have no candles (outages), for one pair."""
+    return int(con.execute("SELECT count(*) FROM gaps WHERE symbol = ? AND interval = ? AND status = 'confirmed_empty'",
+                           [symbol, interval]).fetchall()[0][0])
 
 
 def read_candles(

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
+from daemon.market.kline_files import read_kline_file
 from kronos_model import KronosPredictor
-from kronos_model.finetune.checkpoint import load_pair
-from storage.files import read_kline_file
+from kronos_model.checkpoint import load_pair
 from storage.store import CandleStore
 
 ROOT = Path(__file__).resolve().parent.parent

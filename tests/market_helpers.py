@@ -12,8 +12,8 @@ from pathlib import Path
 import polars as pl
 import structlog
 
-from daemon.market.sim_data import CandleBook, SimClock
-from daemon.market.simulator import ExchangeSimulator
+from daemon.simulator.data import CandleBook, SimClock
+from daemon.simulator.server import ExchangeSimulator
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "daemon" / "assets" / "data"

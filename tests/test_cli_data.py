@@ -179,11 +179,11 @@ def test_import_stats_export_round_trip_on_the_bundled_data(tmp_path):
         kronosd("stats", "--symbol", "BTCUSDT", "--interval", "1h", "--json", "--db", str(db), cwd=tmp_path).stdout
     )
     assert stats["rows"] == 26303 and stats["expected"] == 26304 and stats["missing"] == 1
-    assert [gap["from_utc"] for gap in stats["gaps"]] == ["2023-03-24 13:00"]
+    assert [gap["from_utc"] for gap in stats["gaps"]] == ["2023-03-24T13:00:00Z"]
     assert stats["duplicates"] == 0 and stats["ohlc_violations"] == 0 and stats["zero_volume"] == 1
     assert 0.2 < stats["returns"]["annualized_volatility"] < 1.0
     text = kronosd("stats", "--symbol", "BTCUSDT", "--interval", "1h", "--db", str(db), cwd=tmp_path).stdout
-    assert "2023-03-24 13:00 .. 2023-03-24 14:00 (1 candles)" in text
+    assert "2023-03-24T13:00:00Z .. 2023-03-24T14:00:00Z (1 candles)" in text
 
     csv_out, json_out = tmp_path / "out" / "eth.csv", tmp_path / "out" / "eth.json"
     kronosd(

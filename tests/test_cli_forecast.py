@@ -24,10 +24,10 @@ def test_forecast_on_bundled_btc_window_with_what_really_happened(tmp_path):
                      "--out", str(out))
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
-    assert payload["history_end"] == "2025-06-01 00:00:00"
+    assert payload["history_end"] == "2025-06-01T00:00:00Z"
     assert payload["last_close"] == 104446.49  # the real BTCUSDT close of 2025-06-01 00:00 UTC
     steps = payload["steps"]
-    assert [s["timestamps"][:16] for s in steps] == [f"2025-06-01T0{h}:00" for h in range(1, 7)]
+    assert [s["timestamps"] for s in steps] == [f"2025-06-01T0{h}:00:00Z" for h in range(1, 7)]
     assert all(s["close_p10"] <= s["close_p50"] <= s["close_p90"] for s in steps)
     assert steps[0]["close_actual"] == 104126.07  # the real close of the next hour
     assert 0 <= steps[0]["prob_up"] <= 1

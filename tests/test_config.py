@@ -19,7 +19,7 @@ def test_shipped_config_is_valid():
     [
         ("markets:\n  intervals: [7h]\n", "7h"),
         ("forecast:\n  lookback: 1\n", "forecast.lookback"),
-        ("forecast:\n  quantiles: [0.25, 0.75]\n", "must include 0.1, 0.5 and 0.9"),
+        ("forecast:\n  quantiles: [0.25, 0.75]\n", "must include 0.1, 0.5, 0.9"),
         ("mqtt:\n  port: 70000\n", "mqtt.port"),
         ("gate:\n  metric: sharpe\n", "gate.metric"),
         ("finetune:\n  every_candels: 5\n", "every_candels"),

@@ -16,9 +16,9 @@ from daemon_helpers import ROOT, Broker, Daemon, Simulator, Subscriber, daemon_c
 from test_daemon_e2e import assert_candles_match_truth, snapshot_rows
 
 from daemon.config import KronosConfig, MqttConfig
-from daemon.market.sim_hostile import EXPECTED_REJECTIONS
 from daemon.mqtt import Publisher
 from daemon.service import Daemon as Service
+from daemon.simulator.hostile import EXPECTED_REJECTIONS
 from storage.writer import StoreWriter
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT")

@@ -9,8 +9,8 @@ from datetime import datetime
 import polars as pl
 import pytest
 
+from kronos_model.checkpoint import load_pair
 from kronos_model.data import read_candles
-from kronos_model.finetune.checkpoint import load_pair
 from kronos_model.finetune.gate import GateComparison, evaluate_pair
 from tests.eval_helpers import ETH, TINY, build_forecast_store, kronosd
 from tests.test_eval_walkforward import BTC, checkpoint_with_manifest

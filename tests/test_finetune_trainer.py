@@ -18,7 +18,7 @@ from conftest import REFERENCE
 from safetensors.torch import load_file
 
 from kronos_model import Kronos, KronosPredictor, KronosTokenizer
-from kronos_model.finetune.checkpoint import load_pair, read_manifest
+from kronos_model.checkpoint import load_pair, read_manifest
 
 BTC = str(Path("daemon/assets/data/BTCUSDT_1h.parquet").resolve())
 TINY = {

@@ -12,10 +12,10 @@ from market_helpers import HOUR, MARCH_2024, assert_store_matches_truth, bundled
 from daemon.market.live import LiveIngestor
 from daemon.market.rejects import RejectLog
 from daemon.market.rest import BinanceRestClient, RestSettings
-from daemon.market.sim_data import SimClock
-from daemon.market.sim_hostile import EXPECTED_REJECTIONS, WS_KINDS, HostileProfile
-from daemon.market.simulator import ExchangeSimulator
 from daemon.market.websocket import StreamSettings
+from daemon.simulator.data import SimClock
+from daemon.simulator.hostile import EXPECTED_REJECTIONS, WS_KINDS, HostileProfile
+from daemon.simulator.server import ExchangeSimulator
 from storage.writer import StoreWriter
 
 START = MARCH_2024 + 10 * HOUR + 20 * 60_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kronos_model import KronosPredictor
+from kronos_model import KronosPredictor, candle_features
 from kronos_model.generation import generate
 
 ATOL = RTOL = 1e-4  # tolerances from tests/fixtures/README.md
@@ -25,10 +25,10 @@ def test_normalisation_and_stamps(reference_case):
     case, a = reference_case, reference_case.arrays
     tokenizer, model = case.load()
     predictor = KronosPredictor(model, tokenizer, device="cpu", max_context=case.meta["max_context"])
-    normed, *_ , features = predictor._prepare(case.history, case.history.timestamps, case.future.timestamps,
-                                              case.meta["pred_len"], "")
-    np.testing.assert_array_equal(features.astype(np.float32), a["x_raw"])
-    np.testing.assert_array_equal(normed, a["x_norm"])
+    prepared = predictor._prepare(case.history, case.history.timestamps, case.future.timestamps,
+                                  case.meta["pred_len"], "")
+    np.testing.assert_array_equal(candle_features(case.history).astype(np.float32), a["x_raw"])
+    np.testing.assert_array_equal(prepared.normed, a["x_norm"])
 
 
 def test_tokenizer_encode_decode_forward(reference_case):

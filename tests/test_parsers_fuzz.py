@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemon.market.kline_files import BadKlineFile, read_archive_zip
 from daemon.market.klines import RestPage, parse_rest_klines, parse_rest_row, parse_ws_message
 from daemon.market.rejects import Rejection, RejectLog
-from storage.files import BadKlineFile, read_archive_zip
 from storage.intervals import INTERVAL_MS, is_on_grid
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

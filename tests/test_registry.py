@@ -16,8 +16,8 @@ from daemon.continual import ContinualTrainer
 from daemon.forecaster import ForecastService
 from daemon.registry import ModelRegistry
 from kronos_model import CheckpointError, Kronos, KronosTokenizer
+from kronos_model.checkpoint import write_checkpoint
 from kronos_model.data import read_candles
-from kronos_model.finetune.checkpoint import write_checkpoint
 from kronos_model.finetune.config import TINY_PREDICTOR, TINY_TOKENIZER
 from storage.writer import StoreWriter
 

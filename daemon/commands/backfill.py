@@ -9,16 +9,11 @@ import sys
 
 from tqdm import tqdm
 
-from daemon.commands.market_common import (
-    add_common_options,
-    add_pair_options,
-    open_writer,
-    resolve,
-    rest_settings,
-)
+from daemon.commands.market_common import add_common_options, add_pair_options, resolve
 from daemon.market.archive import ArchiveClient
 from daemon.market.backfill import SOURCES, backfill
 from daemon.market.rest import BinanceRestClient, IpBannedError, RequestFailedError, RestSettings
+from daemon.wiring import open_writer, rest_settings
 from storage.intervals import parse_time
 from storage.writer import StoreWriter
 
@@ -47,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config, snapshot, live = resolve(args)
+    config, snapshot = resolve(args)
     exchange = config.exchange
     if args.days is not None and args.days <= 0:
         raise ValueError("--days must be positive")
@@ -61,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     settings = rest_settings(config, snapshot, args.rest_url)
     archive_url = args.archive_url or exchange.archive_url
     try:
-        with open_writer(config, snapshot, live) as writer:
+        with open_writer(config, snapshot) as writer:
             report = asyncio.run(
                 _run(writer, settings, archive_url, args, start_ms, end_ms, exchange.archive_min_candles)
             )

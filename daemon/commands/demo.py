@@ -2,12 +2,12 @@
 
 The exchange simulator serves the bundled real BTCUSDT 1h candles on 127.0.0.1 with an accelerated
 clock (default: two market hours per second, from 2025-10-01); the daemon runs against it with a fresh
-state directory in WORKDIR (its DuckDB snapshot is WORKDIR/kronos.duckdb), a from-scratch tiny model (the
-hub is unreachable offline; `--base-model` starts from real weights instead), continual fine-tuning every
-few hundred candles, MQTT on 127.0.0.1:1883 when a broker answers, and the dashboard on
-http://127.0.0.1:8765/ (`--http-port`; the URL is printed when it listens). It stops by itself and prints, as
-its last stdout line, a JSON summary. Logs go to stderr. Afterwards `kronosd dashboard --state-dir WORKDIR`
-shows the same page from what the demo left.
+state directory (--state-dir, default demo-run/; its DuckDB snapshot is demo-run/kronos.duckdb), a
+from-scratch tiny model (the hub is unreachable offline; `--base-model` starts from real weights instead),
+continual fine-tuning every few hundred candles, MQTT on 127.0.0.1:1883 when a broker answers, and the
+dashboard on http://127.0.0.1:8765/ (`--http-port`; the URL is printed when it listens). It stops by itself
+and prints, as its last stdout line, a JSON summary. Logs go to stderr. Afterwards
+`kronosd dashboard --state-dir demo-run` shows the same page from what the demo left.
 """
 
 from __future__ import annotations
@@ -58,15 +58,15 @@ def clean_workdir(workdir: Path) -> None:
 
 async def run_demo(args: argparse.Namespace) -> dict:
     from daemon.commands.market_common import BUNDLED_DATA_DIR
-    from daemon.market.sim_data import CandleBook, SimClock
-    from daemon.market.simulator import ExchangeSimulator
     from daemon.service import Daemon
+    from daemon.simulator.data import CandleBook, SimClock
+    from daemon.simulator.server import ExchangeSimulator
 
     book = CandleBook()
     book.add_file(BUNDLED_DATA_DIR / "BTCUSDT_1h.parquet")
     simulator = await ExchangeSimulator(book, SimClock(parse_time(args.start), args.speed)).start()
     try:
-        workdir = Path(args.workdir)
+        workdir = Path(args.state_dir)
         clean_workdir(workdir)
         config = demo_config(workdir, simulator.urls(), args.base_model, args.tokenizer, args.mqtt_port,
                              args.finetune_every)
@@ -110,7 +110,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--minutes", type=float, default=3.0, help="how long to run (wall time)")
-    parser.add_argument("--workdir", default="demo-run", help="state directory (cleaned first)")
+    # --workdir: the name of this option before every command said --state-dir
+    parser.add_argument("--state-dir", "--workdir", dest="state_dir", default="demo-run",
+                        help="state directory (cleaned first)")
     parser.add_argument("--speed", type=float, default=7200.0, help="market seconds per real second")
     parser.add_argument("--start", default=DEMO_START, help="market time when the demo starts")
     parser.add_argument("--finetune-every", type=int, default=150, help="closed candles between fine-tunes")

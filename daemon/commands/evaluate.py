@@ -27,12 +27,12 @@ def _timestamp(text: str | None, option: str) -> np.datetime64 | None:
 
 
 def _candles_from_store(args: argparse.Namespace) -> tuple[pl.DataFrame, str]:
-    from kronos_model.data import normalise_frame
+    from kronos_model.data import candles_to_frame
     from storage.store import read_candles
 
     if not args.symbol or not args.interval:
         raise ValueError("reading the database needs --symbol and --interval (or pass --data FILE)")
-    _, snapshot, _ = resolve(args)
+    _, snapshot = resolve(args)
     con = open_snapshot(snapshot)
     try:
         stored = read_candles(con, args.symbol, args.interval)
@@ -40,13 +40,7 @@ def _candles_from_store(args: argparse.Namespace) -> tuple[pl.DataFrame, str]:
         con.close()
     if stored.is_empty():
         raise ValueError(f"{snapshot} holds no {args.symbol} {args.interval} candles; backfill them first")
-    frame = stored.select(
-        pl.col("symbol"),
-        pl.from_epoch("open_time", time_unit="ms").alias("timestamps"),
-        "open", "high", "low", "close", "volume",
-        pl.col("quote_volume").alias("amount"),
-    )
-    return normalise_frame(frame, str(snapshot)), f"{snapshot} ({args.symbol} {args.interval})"
+    return candles_to_frame(stored, str(snapshot)), f"{snapshot} ({args.symbol} {args.interval})"
 
 
 def run(args: argparse.Namespace) -> int:

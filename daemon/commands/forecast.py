@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from daemon.commands.output import open_output
+from storage.intervals import format_ms
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_DATA = ASSETS / "data" / "BTCUSDT_1h.parquet"
 BUNDLED_CHECKPOINT = ASSETS / "checkpoints" / "tiny-random"
@@ -37,9 +40,16 @@ def infer_step(timestamps: pd.Series) -> pd.Timedelta:
     return steps.mode().iloc[0]
 
 
+def _to_ms(moment: pd.Timestamp) -> int:
+    """Naive timestamps in candle files are UTC."""
+    moment = pd.Timestamp(moment)
+    return int((moment.tz_convert("UTC") if moment.tzinfo else moment.tz_localize("UTC")).value // 1_000_000)
+
+
 def run(args: argparse.Namespace) -> int:
     # Heavy imports here so `kronosd --help` stays fast.
-    from kronos_model import Kronos, KronosPredictor, KronosTokenizer
+    from kronos_model import KronosPredictor
+    from kronos_model.evaluation.models import load_model
 
     candles = load_candles(Path(args.data))
     if args.end:
@@ -55,42 +65,44 @@ def run(args: argparse.Namespace) -> int:
     step = infer_step(history["timestamps"])
     future_times = pd.Series(history["timestamps"].iloc[-1] + step * np.arange(1, args.horizon + 1))
 
-    model_src = args.model or BUNDLED_CHECKPOINT / "model"
-    tokenizer_src = args.tokenizer or (Path(args.model) / "tokenizer" if args.model and
-                                       (Path(args.model) / "tokenizer").is_dir() else BUNDLED_CHECKPOINT / "tokenizer")
-    if args.model and (Path(args.model) / "model").is_dir():
-        model_src = Path(args.model) / "model"
-    tokenizer = KronosTokenizer.from_pretrained(tokenizer_src, local_files_only=args.offline)
-    model = Kronos.from_pretrained(model_src, local_files_only=args.offline)
-    predictor = KronosPredictor(model, tokenizer, device=args.device, max_context=args.max_context)
+    # One pairing rule with `evaluate`: a checkpoint dir brings its tokenizer; a predictor dir or hub id needs
+    # --tokenizer unless it is a released model whose tokenizer is known.
+    source = load_model(args.model or str(BUNDLED_CHECKPOINT), tokenizer=args.tokenizer, offline=args.offline)
+    predictor = KronosPredictor(source.model, source.tokenizer, device=args.device, max_context=args.max_context)
     result = predictor.forecast(history.drop(columns="timestamps"), history["timestamps"], future_times,
                                 args.horizon, T=args.temperature, top_p=args.top_p, sample_count=args.samples,
                                 seed=args.seed, verbose=sys.stderr.isatty())
+    if args.out:
+        # Written before anything is printed, so a closed stdout (`| head`) cannot lose it.
+        with open_output(args.out) as stream:
+            result.to_frame().to_csv(stream)
 
     table = result.to_frame()[["close_p10", "close_p50", "close_p90", "close_mean", "prob_up"]]
     if len(actual):
         table["close_actual"] = pd.Series(actual["close"].to_numpy(), index=table.index[: len(actual)])
+    history_end = format_ms(_to_ms(history["timestamps"].iloc[-1]))
     if args.json:
+        steps = [{"timestamps": format_ms(_to_ms(when)), **{k: (None if pd.isna(v) else float(v))
+                                                            for k, v in row.items()}}
+                 for when, row in table.iterrows()]
         payload = {
-            "model": str(model_src), "tokenizer": str(tokenizer_src), "samples": args.samples, "seed": args.seed,
-            "last_close": result.last_close, "history_end": str(history["timestamps"].iloc[-1]),
-            "steps": json.loads(table.reset_index().to_json(orient="records", date_format="iso")),
+            "model": source.location, "tokenizer": source.tokenizer_location, "samples": args.samples,
+            "seed": args.seed, "last_close": result.last_close, "history_end": history_end, "steps": steps,
         }
         print(json.dumps(payload, indent=2))
     else:
-        print(f"model {model_src} | tokenizer {tokenizer_src}")
-        print(f"{args.lookback} candles up to {history['timestamps'].iloc[-1]} (last close "
+        print(f"model {source.location} | tokenizer {source.tokenizer_location}")
+        print(f"{args.lookback} candles up to {history_end} (last close "
               f"{result.last_close:,.2f}); {args.samples} sample paths, seed {args.seed}")
-        if Path(model_src).resolve().is_relative_to(BUNDLED_CHECKPOINT):
+        if Path(source.location).resolve().is_relative_to(BUNDLED_CHECKPOINT):
             print("note: the bundled tiny checkpoint has random weights; this shows the pipeline, not a market view")
+        printable = table.set_axis([format_ms(_to_ms(t)) for t in table.index]).rename_axis("timestamps")
         with pd.option_context("display.float_format", "{:,.2f}".format, "display.width", 120):
-            print(table.to_string())
+            print(printable.to_string())
         if len(actual):
             error = np.abs(table["close_p50"].iloc[: len(actual)] - table["close_actual"].dropna()).mean()
             naive = np.abs(result.last_close - actual["close"]).mean()
             print(f"median-path close MAE {error:,.2f} vs last-close (random walk) MAE {naive:,.2f}")
-    if args.out:
-        result.to_frame().to_csv(args.out)
     return 0
 
 
@@ -103,7 +115,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="candles: Parquet or CSV(.gz), Binance kline or Kronos layout "
                         "(default: bundled BTCUSDT 1h)")
     parser.add_argument("--end", help="last candle of the look-back window (default: the last in the data)")
-    parser.add_argument("--model", help="predictor: hub id, checkpoint dir, or a dir with model/ and tokenizer/ "
+    parser.add_argument("--model", help="a dir with model/ and tokenizer/, a predictor dir or hub id (with "
+                        "--tokenizer unless it is a released Kronos model) "
                         "(default: the bundled tiny random-weight pair)")
     parser.add_argument("--tokenizer", help="tokenizer: hub id or checkpoint dir")
     parser.add_argument("--lookback", type=int, default=400)
@@ -116,5 +129,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", help="cuda, mps or cpu (default: auto)")
     parser.add_argument("--offline", action="store_true", help="only use checkpoints already on disk")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--out", help="also write every step's mean, quantiles and P(up) to this CSV")
+    parser.add_argument("--out", metavar="FILE|-",
+                        help="also write every step's mean, quantiles and P(up) as CSV to this file (- for stdout)")
     parser.set_defaults(handler=run)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from daemon.commands.market_common import add_common_options, open_writer, resolve
-from storage.files import read_kline_file
+from daemon.commands.market_common import add_common_options, resolve
+from daemon.market.kline_files import read_kline_file
+from daemon.wiring import open_writer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config, snapshot, live = resolve(args)
+    config, snapshot = resolve(args)
     # Check every file before storing any, so one bad file does not leave a half-done import.
     checked = [
         read_kline_file(path, symbol=args.symbol, interval=args.interval, allow_off_grid=args.allow_off_grid)
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         print(check.report())
     if args.check_only:
         return 0
-    with open_writer(config, snapshot, live) as writer:
+    with open_writer(config, snapshot) as writer:
         for frame, check in checked:
             result = writer.submit(frame).result()
             print(f"{check.path.name}: {result.rows_changed} of {frame.height} candles new or changed")

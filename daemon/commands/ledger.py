@@ -14,7 +14,7 @@ def run(args: argparse.Namespace) -> int:
     from daemon.ledger import format_table, parse_window, score_ledger
 
     windows = [(label, parse_window(label)) for label in (args.window or DEFAULT_WINDOWS)]
-    _, snapshot, _ = resolve(args)
+    _, snapshot = resolve(args)
     con = open_snapshot(snapshot)
     try:
         scores = [score for label, window in windows
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ledger", help="score stored forecasts against what happened, per model version",
         description="Joins the daemon's forecasts with the candles that followed and scores them per symbol, "
         "interval and model version against the random walk: MAE with a Diebold-Mariano test, pinball loss of "
-        "p10/p50/p90, 80 %% interval coverage, direction and the Brier score of P(up). Reads the published "
+        "p10/p50/p90, 80 % interval coverage, direction and the Brier score of P(up). Reads the published "
         "database, so it never disturbs a running daemon.",
     )
     parser.add_argument("--symbol", type=str.upper, help="only this symbol")

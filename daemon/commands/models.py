@@ -13,7 +13,7 @@ from pathlib import Path
 def run(args: argparse.Namespace) -> int:
     from daemon.config import load_config
     from daemon.registry import ModelRegistry
-    from kronos_model.finetune.checkpoint import read_manifest
+    from kronos_model.checkpoint import read_manifest
 
     state_dir = Path(args.state_dir) if args.state_dir else Path(load_config(args.config).storage.state_dir)
     root = state_dir / "models"

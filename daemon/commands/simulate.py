@@ -13,9 +13,9 @@ import signal
 from pathlib import Path
 
 from daemon.commands.market_common import BUNDLED_DATA_DIR, configure_logging
-from daemon.market.sim_data import CandleBook, SimClock
-from daemon.market.sim_hostile import HostileProfile
-from daemon.market.simulator import ExchangeSimulator
+from daemon.simulator.data import CandleBook, SimClock
+from daemon.simulator.hostile import HostileProfile
+from daemon.simulator.server import ExchangeSimulator
 from storage.intervals import format_ms, parse_time
 
 

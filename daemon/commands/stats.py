@@ -8,7 +8,7 @@ import json
 from daemon.commands.market_common import add_common_options, add_pair_options, open_snapshot, resolve
 from storage.intervals import interval_ms
 from storage.stats import candle_report, format_report
-from storage.store import read_candles
+from storage.store import count_confirmed_empty, read_candles
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,19 +24,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _, snapshot, _ = resolve(args)
+    _, snapshot = resolve(args)
     interval_ms(args.interval)
     con = open_snapshot(snapshot)
     try:
         frame = read_candles(con, args.symbol, args.interval)
-        confirmed = con.execute(
-            "SELECT count(*) FROM gaps WHERE symbol = ? AND interval = ? AND status = 'confirmed_empty'",
-            [args.symbol, args.interval],
-        ).fetchall()[0][0]
+        confirmed = count_confirmed_empty(con, args.symbol, args.interval)
     finally:
         con.close()
     report = candle_report(frame, args.symbol, args.interval)
-    report["confirmed_empty_ranges"] = int(confirmed)
+    report["confirmed_empty_ranges"] = confirmed
     if args.json:
         print(json.dumps(report))
     else:

@@ -21,8 +21,8 @@ import aiohttp
 import polars as pl
 import structlog
 
+from daemon.market.kline_files import BadKlineFile, read_archive_zip
 from daemon.market.rejects import Rejection, RejectLog
-from storage.files import BadKlineFile, read_archive_zip
 from storage.writer import StoreWriter
 
 log = structlog.get_logger("daemon.market.archive")

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from daemon.market.archive import ArchiveClient
-from daemon.market.rest import BinanceRestClient
+from daemon.market.exchange import CandleArchive, ExchangeRest
 from storage.intervals import floor_to_grid, format_ms, interval_ms
 from storage.store import CandleStore
 from storage.writer import StoreWriter
@@ -78,13 +77,13 @@ def _targets(store: CandleStore, symbol: str, interval: str, start_ms: int, end_
 
 async def backfill(
     writer: StoreWriter,
-    rest: BinanceRestClient,
+    rest: ExchangeRest,
     symbol: str,
     interval: str,
     start_ms: int,
     end_ms: int | None = None,
     *,
-    archive: ArchiveClient | None = None,
+    archive: CandleArchive | None = None,
     source: str = "auto",
     settle_ms: int | None = None,
     archive_min_candles: int = ARCHIVE_MIN_CANDLES,

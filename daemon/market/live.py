@@ -27,9 +27,10 @@ import structlog
 
 from daemon.market.backfill import backfill
 from daemon.market.counters import IngestCounters
+from daemon.market.exchange import CandleStream, ExchangeRest, StreamFactory
 from daemon.market.klines import ws_rows_to_candles
 from daemon.market.rejects import Rejection, RejectLog
-from daemon.market.rest import BinanceRestClient, ExchangeConfigError, IpBannedError, SymbolUnavailableError
+from daemon.market.rest import ExchangeConfigError, IpBannedError, SymbolUnavailableError
 from daemon.market.websocket import KlineConnection, StreamSettings, split_pairs
 from storage.intervals import interval_ms
 from storage.writer import StoreWriter
@@ -43,7 +44,7 @@ class LiveIngestor:
     def __init__(
         self,
         writer: StoreWriter,
-        rest: BinanceRestClient,
+        rest: ExchangeRest,
         pairs: list[Pair],
         settings: StreamSettings,
         *,
@@ -52,6 +53,7 @@ class LiveIngestor:
         listing_check_s: float = 300.0,
         on_stored: Callable[[Pair, int], None] | None = None,
         rejects: RejectLog | None = None,
+        open_stream: StreamFactory = KlineConnection,
         counters: IngestCounters | None = None,
     ) -> None:
         self.writer, self.rest, self.settings = writer, rest, settings
@@ -72,8 +74,8 @@ class LiveIngestor:
         self._fatal: BaseException | None = None
         self._late_handled: dict[Pair, int] = {}
         self.late_closes = 0  # candles fetched through REST because their close event never came
-        self.connections = [
-            KlineConnection(group, settings, self._on_row, self._on_connect, self.rejects, self.counters)
+        self.connections: list[CandleStream] = [
+            open_stream(group, settings, self._on_row, self._on_connect, self.rejects, self.counters)
             for group in split_pairs(self.pairs)
         ]
 

@@ -59,7 +59,7 @@ class MalformedResponseError(RuntimeError):
 class IpBannedError(RuntimeError):
     def __init__(self, until_s: float, url: str) -> None:
         self.until_s = until_s
-        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until_s))
+        when = format_ms(int(until_s * 1000))
         super().__init__(
             f"Binance has banned this IP (HTTP 418) until {when}; requests to {url} are stopped until then"
         )

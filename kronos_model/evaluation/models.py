@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from kronos_model.finetune.checkpoint import MANIFEST, load_pair, read_manifest
+from kronos_model.checkpoint import MANIFEST, load_pair, read_manifest
 from kronos_model.model import Kronos, KronosTokenizer
 
 # The tokenizer each released predictor was trained with.

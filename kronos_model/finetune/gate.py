@@ -22,7 +22,7 @@ import torch
 from kronos_model.data import WindowDataset, WindowSpec, segments
 from kronos_model.evaluation.metrics import crps_from_samples, diebold_mariano
 from kronos_model.model import Kronos, KronosTokenizer
-from kronos_model.predictor import KronosPredictor
+from kronos_model.predictor import CLOSE, FEATURE_COLUMNS, KronosPredictor
 
 
 @dataclass
@@ -123,22 +123,20 @@ def evaluate_pair(tokenizer: KronosTokenizer, model: Kronos, frame: pl.DataFrame
         part = windows.parts[k]
         rows = slice(start, start + lookback)
         future = slice(start + lookback, start + lookback + horizon)
-        histories.append(pl.DataFrame(part.values[rows], schema=list(("open", "high", "low", "close", "volume",
-                                                                       "amount")), orient="row"))
+        histories.append(pl.DataFrame(part.values[rows], schema=list(FEATURE_COLUMNS), orient="row"))
         x_times.append(part.times[rows])
         y_times.append(part.times[future])
-        actual.append(part.values[future, 3])
-        last.append(part.values[start + lookback - 1, 3])
+        actual.append(part.values[future, CLOSE])
+        last.append(part.values[start + lookback - 1, CLOSE])
     forecasts = []
     for start in range(0, len(picks), batch_size):
         chunk = slice(start, start + batch_size)
         forecasts += predictor.forecast_batch(histories[chunk], x_times[chunk], y_times[chunk], horizon,
                                               sample_count=sample_count, top_p=top_p, seed=seed + start)
-    median = np.stack([f.quantiles[0.5][:, 3] if 0.5 in f.quantiles else np.median(f.paths[:, :, 3], axis=0)
-                       for f in forecasts])
+    median = np.stack([f.close_quantile(0.5) for f in forecasts])
     actual_arr, last_arr = np.stack(actual), np.asarray(last)[:, None]
     # (origins, horizon, samples) sampled closes, samples last as the metric expects
-    closes = np.stack([np.swapaxes(f.paths[:, :, 3], 0, 1) for f in forecasts])
+    closes = np.stack([f.close_paths.T for f in forecasts])
     origin_abs_error = np.abs(median - actual_arr).mean(axis=1)
     origin_crps = crps_from_samples(closes, actual_arr).mean(axis=1)
     origin_random_walk = np.abs(last_arr - actual_arr).mean(axis=1)

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from kronos_model.checkpoint import code_version, load_state, recover, write_checkpoint
 from kronos_model.data import Splits, WindowSpec, read_candles, split_by_time
-from kronos_model.finetune.checkpoint import code_version, load_state, recover, write_checkpoint
 from kronos_model.finetune.config import SCRATCH, FinetuneConfig
 from kronos_model.hub import load_weights
 from kronos_model.model import Kronos, KronosTokenizer, check_pair

@@ -1,8 +1,8 @@
 """A Binance-compatible exchange on 127.0.0.1: REST (`/api/v3/ping`, `/time`, `/exchangeInfo`,
 `/klines` with weight headers), websocket kline streams (raw `/ws/<stream>` and combined
 `/stream?streams=…`) and a data.binance.vision archive tree, answering from real candles on an
-accelerated clock, with scripted faults (sim_faults.py). `kronosd simulate` runs it; the client tests
-and the backfill benchmark run against it.
+accelerated clock, with scripted faults (faults.py) and a hostile profile (hostile.py). `kronosd simulate`
+runs it; the client tests and the backfill benchmark run against it.
 
 Rate limiting imitates Binance: weight per client IP in fixed windows of real time (windows stay on
 the real clock even when the market clock is accelerated); going over the limit answers 429 with
@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import math
-import threading
 import time
 import zipfile
 from collections import Counter
@@ -31,9 +30,9 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from daemon.market.sim_data import CandleBook, Series, SimClock, format_number, kline_row, ws_kline_event
-from daemon.market.sim_faults import FaultPlan
-from daemon.market.sim_hostile import HostileProfile
+from daemon.simulator.data import CandleBook, Series, SimClock, format_number, kline_row, ws_kline_event
+from daemon.simulator.faults import FaultPlan
+from daemon.simulator.hostile import HostileProfile
 from storage.intervals import INTERVAL_MS
 
 MICROSECOND_ARCHIVE_FROM_MS = 1_735_689_600_000  # 2025-01-01: spot archive files switch to µs
@@ -565,24 +564,3 @@ class _StreamSession:
         if fault.kind == "stall":
             self.stalled_until = time.monotonic() + (fault.param or 3600.0)
         return False
-
-
-class SimulatorThread:
-    """Runs an ExchangeSimulator on its own event loop in a background thread (for synchronous
-    callers: tests that drive subprocesses, the benchmark)."""
-
-    def __init__(self, simulator: ExchangeSimulator) -> None:
-        self.simulator = simulator
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="exchange-simulator", daemon=True)
-
-    def __enter__(self) -> ExchangeSimulator:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.simulator.start(), self.loop).result(timeout=30)
-        return self.simulator
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.simulator.stop(), self.loop).result(timeout=30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=30)
-        self.loop.close()

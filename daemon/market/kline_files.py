@@ -16,11 +16,26 @@ from pathlib import Path
 
 import polars as pl
 
-from storage.candles import KLINE_FILE_COLUMNS
 from storage.intervals import format_ms, grid_offset_ms, interval_ms
 
+# Binance kline file layout (12 columns; the last, "ignore", is dropped on read).
+KLINE_FILE_COLUMNS = (
+    "open_time",
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "close_time",
+    "quote_volume",
+    "trades",
+    "taker_buy_base",
+    "taker_buy_quote",
+)
+
 REQUIRED_VALUES = ("open_time", "open", "high", "low", "close", "volume")
-# Binance publishes milliseconds; anything above this is microseconds (year 2286 in ms).
+# Binance publishes milliseconds; anything above this is microseconds (year 2286 in ms). kronos_model.data
+# has the same rule for the model's files: the two packages never import each other.
 _MICROSECOND_THRESHOLD = 10**13
 _NAME_PATTERN = re.compile(r"^([A-Z0-9]{3,})[-_](\d+[smhdwM])(?:[-_.]|$)")
 _INTERVAL_PATTERN = re.compile(r"[-_](\d+[smhdwM])(?:[-_.]|$)")

@@ -49,19 +49,21 @@ def code_version() -> dict[str, str | None]:
     return {"kronosd": version, "git_commit": commit, "torch": torch.__version__}
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*"), reverse=True):
-        flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-        descriptor = os.open(path, flags)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-    descriptor = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk (storage.durable is the store's twin: the two
+    packages never import each other)."""
+    descriptor = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0))
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def fsync_tree(root: Path) -> None:
+    """Every file and directory under `root`, deepest first, then `root` itself."""
+    for path in sorted(Path(root).rglob("*"), reverse=True):
+        fsync_path(path)
+    fsync_path(root)
 
 
 def _old(target: Path) -> Path:
@@ -91,15 +93,11 @@ def write_checkpoint(target: Path, tokenizer: KronosTokenizer, model: Kronos, ma
         torch.save(state, temporary / STATE)
     files = {str(p.relative_to(temporary)): sha256_file(p) for p in sorted(temporary.rglob("*")) if p.is_file()}
     (temporary / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2, default=str))
-    _fsync_tree(temporary)
+    fsync_tree(temporary)
     if target.exists():
         os.rename(target, _old(target))
     os.rename(temporary, target)
-    descriptor = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_path(target.parent)
     if _old(target).exists():
         shutil.rmtree(_old(target))
     return target

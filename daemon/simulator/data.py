@@ -9,13 +9,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import polars as pl
 
-from storage.files import read_kline_file
+from daemon.market.kline_files import read_kline_file
 from storage.intervals import interval_ms
-from storage.store import read_candles
+from storage.snapshot import open_read_only
+from storage.store import read_candles, stored_pairs
 
 
 class SimClock:
@@ -94,10 +94,9 @@ class CandleBook:
         return name[0], name[1]
 
     def add_store(self, db_path: str | Path) -> list[tuple[str, str]]:
-        con = duckdb.connect(str(db_path), read_only=True)
+        con = open_read_only(db_path)
         try:
-            con.execute("SET TimeZone = 'UTC'")
-            pairs = con.execute("SELECT DISTINCT symbol, interval FROM candles ORDER BY 1, 2").fetchall()
+            pairs = stored_pairs(con)
             for symbol, interval in pairs:
                 self.add(symbol, interval, read_candles(con, symbol, interval))
         finally:
