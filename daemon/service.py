@@ -35,7 +35,7 @@ from daemon.config import KronosConfig, load_config
 from daemon.continual import ContinualTrainer
 from daemon.forecaster import ForecastService
 from daemon.health import readiness, status_line
-from daemon.http.api import forecast_from_payload, query_candles
+from daemon.http.api import forecast_from_payload
 from daemon.http.events import EventHub
 from daemon.http.metrics import DaemonMetrics
 from daemon.http.server import HttpServer, build_app
@@ -52,6 +52,7 @@ from daemon.wiring import open_writer, rest_settings, stream_settings
 from kronos_model import Kronos, KronosTokenizer
 from kronos_model.finetune.config import TINY_PREDICTOR, TINY_TOKENIZER
 from storage.forecasts import insert_model_event
+from storage.views import query_candles
 from storage.writer import StoreWriter
 
 log = structlog.get_logger("daemon.service")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import duckdb
 
 from daemon.health import pair_health, readiness
+from storage.views import pairs_with_candles
 
 if TYPE_CHECKING:
     from daemon.service import Daemon
@@ -108,9 +109,7 @@ class SnapshotSource:
         """The pairs the snapshot holds candles of (cached until a new snapshot appears)."""
         version = self.version()
         if self._pairs is None or self._pairs[0] != version:
-            rows = await self.read(lambda con: con.execute(
-                "SELECT DISTINCT symbol, interval FROM candles ORDER BY symbol, interval").fetchall())
-            self._pairs = (version, [(str(s), str(i)) for s, i in rows])
+            self._pairs = (version, await self.read(pairs_with_candles))
         return self._pairs[1]
 
     def horizon(self) -> int | None:
