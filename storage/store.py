@@ -278,6 +278,11 @@ class CandleStore:
     def last_open_time(self, symbol: str, interval: str) -> int | None:
         return newest_open_time(self.con, symbol, interval)
 
+    def first_open_time(self, symbol: str, interval: str) -> int | None:
+        row = self.con.execute("SELECT epoch_ms(min(open_time)) FROM candles WHERE symbol = ? AND interval = ?",
+                               [symbol, interval]).fetchall()[0][0]
+        return None if row is None else int(row)
+
     def count_candles(self) -> int:
         return count_candles(self.con)
 

@@ -134,9 +134,12 @@ async def backfill(
                         on_rows(page.height)
 
     settle = settle_ms if settle_ms is not None else max(2 * step, 10 * 60_000)
+    settled = await writer.run(
+        lambda store: _settled_holes(store, symbol, interval, report.holes, server_now - settle))
+    empty = [hole for hole in settled
+             if await _exchange_shows_empty(rest, writer, symbol, interval, hole, end, report)]
     report.confirmed_empty = await writer.run(
-        lambda store: _record_outcome(store, symbol, interval, report.holes, server_now - settle)
-    )
+        lambda store: _record_outcome(store, symbol, interval, report.holes, empty))
     if report.confirmed_empty:
         log.info(
             "confirmed_empty_ranges",
@@ -147,18 +150,46 @@ async def backfill(
     return report
 
 
-def _record_outcome(
-    store: CandleStore, symbol: str, interval: str, holes: list[tuple[int, int]], settled_before_ms: int
-) -> list[tuple[int, int]]:
-    """Mark what is still empty (and settled) as confirmed_empty; mark reopened gaps filled."""
-    confirmed: list[tuple[int, int]] = []
+def _settled_holes(store: CandleStore, symbol: str, interval: str, holes: list[tuple[int, int]],
+                   settled_before_ms: int) -> list[tuple[int, int]]:
+    """What is still empty inside `holes` and old enough that the exchange must have it by now."""
+    still_empty = []
     for hole_start, hole_end in holes:
         for a, b in store.find_holes(symbol, interval, hole_start, hole_end):
             b = min(b, settled_before_ms)
             if b > a:
-                store.record_gap(symbol, interval, a, b, "confirmed_empty", "no candles on the exchange")
-                confirmed.append((a, b))
+                still_empty.append((a, b))
+    return still_empty
+
+
+async def _exchange_shows_empty(rest: ExchangeRest, writer: StoreWriter, symbol: str, interval: str,
+                                hole: tuple[int, int], end: int, report: BackfillReport) -> bool:
+    """Whether the exchange itself shows `hole` as empty: asked for the hole and the candle after it, it answers
+    that next candle and nothing inside the hole. An answer with nothing at all proves nothing (a front end
+    that answers an empty array for a range with data looks the same), so such a hole stays open and is asked
+    again by the next backfill instead of being written off as an outage."""
+    a, b = hole
+    probe_end = min(b + interval_ms(interval), end)
+    if probe_end <= b:
+        return False  # nothing after the hole exists yet to show the exchange has data past it
+    seen_after = False
+    async for page in rest.iter_klines(symbol, interval, a, probe_end):
+        inside = page.filter(page["open_time"] < b)
+        if inside.height:
+            result = await writer.upsert(inside)  # the hole was not empty after all
+            report.rows_received += inside.height
+            report.rows_changed += result.rows_changed
+            return False
+        seen_after = seen_after or bool((page["open_time"] >= b).any())
+    return seen_after
+
+
+def _record_outcome(store: CandleStore, symbol: str, interval: str, holes: list[tuple[int, int]],
+                    empty: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Mark the ranges the exchange showed empty as confirmed_empty; mark reopened gaps filled."""
+    for a, b in empty:
+        store.record_gap(symbol, interval, a, b, "confirmed_empty", "no candles on the exchange")
     for a, b, _, reason in store.gap_records(symbol, interval, "open"):
         if not store.find_holes(symbol, interval, a, b):
             store.record_gap(symbol, interval, a, b, "filled", reason)
-    return confirmed
+    return empty

@@ -40,6 +40,12 @@ log = structlog.get_logger("daemon.market.live")
 Pair = tuple[str, str]
 
 
+# How far back a resync looks for holes left open by earlier ones, and how often it asks again at once for
+# holes the exchange answered with garbage.
+REVISIT_CANDLES = 48
+UNFILLED_RETRIES = 2
+
+
 class LiveIngestor:
     def __init__(
         self,
@@ -72,6 +78,7 @@ class LiveIngestor:
         self.drained = 0  # stream candles held during a backfill and stored after it
         self._resync_tasks: dict[Pair, asyncio.Task] = {}
         self._fatal: BaseException | None = None
+        self._storing: set[asyncio.Task] = set()  # submitted stream rows waiting for their transaction
         self._late_handled: dict[Pair, int] = {}
         self.late_closes = 0  # candles fetched through REST because their close event never came
         self.connections: list[CandleStream] = [
@@ -87,6 +94,8 @@ class LiveIngestor:
         finally:
             for task in [*watchers, *self._resync_tasks.values()]:
                 task.cancel()
+            if self._storing:  # let submitted rows report back (or fail) before the caller moves on
+                await asyncio.gather(*self._storing, return_exceptions=True)
         if self._fatal is not None:
             raise self._fatal
 
@@ -178,13 +187,30 @@ class LiveIngestor:
         self.rejects.reject("exchange_info", Rejection("pair_not_trading", f"{pair[0]} {pair[1]}: {why}"))
         log.warning("pair_paused", pair=pair, reason=why)
 
-    async def _store(self, rows: list[dict[str, Any]], pair: Pair) -> None:
+    async def _store(self, rows: list[dict[str, Any]], pair: Pair) -> asyncio.Task | None:
+        """Hand rows to the writer without waiting for their transaction, so the stream reader goes on to the
+        next message at once and the writer merges every candle of a tick into one transaction; on_stored
+        hears of them when that transaction has committed (the writer keeps submission order)."""
         if not rows:
-            return
-        await self.writer.upsert(ws_rows_to_candles(rows))
-        self.counters.candles[pair] += len(rows)
+            return None
         newest = max(row["open_time"] for row in rows)
         self.last_closed[pair] = max(self.last_closed[pair] or newest, newest)
+        stored = asyncio.wrap_future(self.writer.submit(ws_rows_to_candles(rows)))
+        task = asyncio.create_task(self._after_store(stored, pair, len(rows), newest))
+        self._storing.add(task)
+        task.add_done_callback(self._storing.discard)
+        return task
+
+    async def _after_store(self, stored: asyncio.Future, pair: Pair, rows: int, newest: int) -> None:
+        try:
+            await stored
+        except Exception as exc:
+            # The store refused a write: nothing later can be stored either; end ingestion with the cause.
+            log.error("live_store_failed", pair=pair, error=str(exc))
+            self._fatal = self._fatal or exc
+            await self.stop()
+            return
+        self.counters.candles[pair] += rows
         self._notify(pair, newest)
 
     def _notify(self, pair: Pair, newest: int) -> None:
@@ -198,13 +224,32 @@ class LiveIngestor:
     # -- resynchronisation ----------------------------------------------------------------------
     async def _resync(self, pair: Pair) -> None:
         symbol, interval = pair
-        attempt = 0
+        attempt = unfilled_tries = 0
         while True:
             try:
-                last = await self.writer.run(lambda store: store.last_open_time(symbol, interval))
-                start = last + interval_ms(interval) if last is not None else self.initial_start_ms()
+                last, first = await self.writer.run(lambda store: (store.last_open_time(symbol, interval),
+                                                                   store.first_open_time(symbol, interval)))
+                # Not only what follows the newest candle: a hole a few candles back that an earlier resync could
+                # not fill (the exchange answered garbage twice) is asked again. Present candles cost nothing,
+                # the backfill only requests holes, and ranges the exchange showed empty are skipped.
+                step = interval_ms(interval)
+                start = (max(first, last + step - REVISIT_CANDLES * step)
+                         if last is not None and first is not None else self.initial_start_ms())
                 report = await backfill(self.writer, self.rest, symbol, interval, start, source="rest",
                                         on_rows=lambda rows: self.counters.candles.update({pair: rows}))
+                # Up to the first candle the stream is holding too: a lying exchange clock can end the backfill
+                # before candles the stream has already delivered after a hole.
+                held_from = min((row["open_time"] for row in self.buffers[pair] or []), default=report.end_ms)
+                until = max(report.end_ms, held_from)
+                left = await self.writer.run(
+                    lambda store, a=report.start_ms, b=until: store.find_holes(symbol, interval, a, b))
+                if left and unfilled_tries < UNFILLED_RETRIES:
+                    # Holes the exchange neither filled nor showed empty (garbage answers): ask again shortly,
+                    # still buffering the stream, rather than go live over them.
+                    unfilled_tries += 1
+                    log.info("resync_holes_left", pair=pair, holes=len(left), retry=unfilled_tries)
+                    await asyncio.sleep(self.resync_retry_s * unfilled_tries)
+                    continue
                 break
             except SymbolUnavailableError as exc:
                 # This symbol alone: pause it; the listing watch resumes it when it trades again.
@@ -235,7 +280,9 @@ class LiveIngestor:
         self.drained += len(buffered)
         log.info("resynced", pair=pair, backfilled=report.rows_received, drained=len(buffered))
         if buffered:
-            await self._store(buffered, pair)
+            stored = await self._store(buffered, pair)
+            if stored is not None:
+                await stored  # on_stored below must not hear of candles before they are committed
         if self.last_closed[pair] is not None:
             # The newest candle may have come through REST: whoever follows the stream must still hear of it.
             self._notify(pair, self.last_closed[pair])
