@@ -30,7 +30,7 @@ class CalibrationConfig:
     aci_gamma: float = 0.005  # adaptive conformal step size (Gibbs & Candès 2021); 0 turns ACI off
     score_scale: ScoreScale = "spread"  # "spread": scores in units of the raw 10-90 % spread; "none": raw
     min_scale: float = 1e-6  # floor of the spread (log return) so a collapsed forecast cannot divide by ~0
-    prob_up_prior: float = 20.0  # pseudo-outcomes of 1/2 per isotonic block (shrinkage toward a coin flip)
+    prob_up_prior: float = 10.0  # pseudo-outcomes of 1/2 per isotonic block (shrinkage toward a coin flip)
     coverage_window: int = 1000  # newest outcomes (all steps pooled) behind coverage_report()
 
     def __post_init__(self) -> None:

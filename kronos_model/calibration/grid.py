@@ -6,12 +6,15 @@ a CRPS. It uses the quantile decomposition of the CRPS (Gneiting & Raftery 2007;
     CRPS(F, y) = 2 * integral over tau in (0, 1) of pinball_tau(F^-1(tau), y) d tau
 
 approximated by a midpoint rule on the grid: each level stands for the cell between the midpoints to its
-neighbours, the two end cells reaching half a spacing beyond the outermost levels, and the weights are
-normalised to sum to one. On an evenly spaced grid such as 5 %...95 % this is exactly 2 x the mean pinball
-loss over the levels. The approximation has two parts: the integrand is taken as constant over each cell, and
-the tails beyond the outermost cells (below 2.5 % and above 97.5 % on the default grid) are not integrated
-but stood in for by the renormalisation. Against the sample-path CRPS of the same forecast the difference is
-about 2 % of the CRPS with 19 levels and well under 1 % with 99 (measured in tests/test_calibration.py).
+neighbours, the two end cells reaching half a spacing beyond the outermost levels (2.5 % and 97.5 % on the
+default grid). The approximation: the integrand is taken as constant over each cell, and the tails beyond
+the end cells are left out (counted as zero). On an evenly spaced grid with spacing d and K levels this is
+2 x K d x the mean pinball loss, i.e. 2 x 0.95 x the mean on 5 %...95 %. Leaving the tails out is the
+better guess: for a forecast near calibration the expected pinball loss at level tau shrinks to zero as tau
+goes to 0 or 1 (sigma phi(z_tau) for a Gaussian), while spreading the grid's mean over them (plain 2 x mean)
+overstates the CRPS by about 5 % on 19 levels. Against the sample-path CRPS (`metrics.crps_from_samples`) of
+the same Gaussian forecasts the mean differs by about 1 % with 19 levels and 0.1 % with 99 (asserted in
+tests/test_calibration.py within 2 % and 0.5 %).
 """
 
 from __future__ import annotations
@@ -37,15 +40,16 @@ def validate_levels(levels: tuple[float, ...] | list[float] | np.ndarray) -> tup
 
 
 def level_weights(levels: tuple[float, ...] | np.ndarray) -> np.ndarray:
-    """Midpoint-rule weights of the levels (summing to one); equal weights on an evenly spaced grid."""
+    """Midpoint-rule cell width of every level (see the module docstring); 0.05 each on 5 %...95 %, summing
+    to 0.95 there: the tails beyond the end cells are left out. A single level stands for all of (0, 1)."""
     values = np.asarray(validate_levels(levels), dtype=np.float64)
     if len(values) == 1:
         return np.ones(1)
     gaps = np.diff(values)
-    # each end cell reaches half of its one neighbouring gap outwards, like the interior cells
-    edges = np.concatenate(([values[0] - gaps[0] / 2], (values[:-1] + values[1:]) / 2, [values[-1] + gaps[-1] / 2]))
-    widths = np.diff(edges)
-    return widths / widths.sum()
+    # each end cell reaches half of its one neighbouring gap outwards, like the interior cells, within (0, 1)
+    edges = np.concatenate(([max(values[0] - gaps[0] / 2, 0.0)], (values[:-1] + values[1:]) / 2,
+                            [min(values[-1] + gaps[-1] / 2, 1.0)]))
+    return np.diff(edges)
 
 
 def central_intervals(levels: tuple[float, ...]) -> list[tuple[float, int, int]]:
