@@ -31,32 +31,29 @@ def age_weights(count: np.ndarray, head: np.ndarray, window: int, half_life: flo
     return np.where(filled, weights, 0.0)
 
 
-def weighted_thresholds(scores: np.ndarray, weights: np.ndarray, target_levels: np.ndarray,
+def weighted_thresholds(scores: np.ndarray, weights: np.ndarray, count: np.ndarray, target_levels: np.ndarray,
                         upper: np.ndarray) -> np.ndarray:
     """(B, L) conformal threshold per buffer and level.
 
-    scores: (B, L, W) with NaN in empty slots; weights: (B, W); target_levels: (B, L) the (ACI-adjusted) level
-    to reach, clipped to [0, 1]; upper: (L,) bool, True where the test point's mass goes to +infinity.
-    Every buffer must hold at least one score.
+    scores: (B, L, W) with NaN in empty slots; weights: (B, W), 0 in empty slots; count: (B,) filled slots,
+    at least one each; target_levels: (B, L) the (ACI-adjusted) level to reach, clipped to [0, 1]; upper: (L,)
+    bool, True where the test point's mass goes to +infinity.
     """
-    order = np.argsort(scores, axis=-1)  # NaN (empty slots) sort last
-    ordered = np.take_along_axis(scores, order, axis=-1)
-    ordered_weights = np.take_along_axis(np.broadcast_to(weights[:, None, :], scores.shape), order, axis=-1)
-    cumulative = np.cumsum(ordered_weights, axis=-1)
+    if np.any(count < 1):
+        raise ValueError("a conformal threshold needs at least one score")
+    batch = np.arange(len(count))[:, None, None]
+    order = np.argsort(scores, axis=-1)  # NaN (empty slots, weight 0) sort last
+    cumulative = np.cumsum(weights[batch, order], axis=-1)
     total = cumulative[..., -1] + 1.0  # + the test point
     levels = np.clip(target_levels, 0.0, 1.0)
     # lower levels: the test point's mass sits below every score, so the scores need to supply one weight less
-    needed = levels * total - np.where(upper[None, :], 0.0, 1.0)
-    reached = cumulative >= needed[..., None] - 1e-12 * total[..., None]
-    first = np.argmax(reached, axis=-1)
-    filled = np.isfinite(scores).sum(axis=-1)
-    if np.any(filled == 0):
-        raise ValueError("a conformal threshold needs at least one score")
-    # nothing reaches the level: the answer is the test point at +inf (clip to the largest score); the level is
-    # reached before the first score: the test point at -inf (clip to the smallest)
-    first = np.where(reached.any(axis=-1), first, filled - 1)
-    first = np.minimum(first, filled - 1)
-    return np.take_along_axis(ordered, first[..., None], axis=-1)[..., 0]
+    needed = levels * total - np.where(upper[None, :], 0.0, 1.0) - 1e-12 * total
+    # cumulative never decreases along a row, so the first position that reaches `needed` is the number before
+    # it. Past the last score (the test point at +inf decides) clip to the largest score; a level reached before
+    # the first score (the test point at -inf) gives the smallest.
+    first = np.minimum((cumulative < needed[..., None]).sum(axis=-1), count[:, None] - 1)
+    slots = np.take_along_axis(order, first[..., None], axis=-1)
+    return np.take_along_axis(scores, slots, axis=-1)[..., 0]
 
 
 def rearrange(quantiles: np.ndarray, axis: int = 0) -> np.ndarray:

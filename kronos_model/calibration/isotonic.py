@@ -18,7 +18,19 @@ import numpy as np
 
 # raw probabilities are pooled on this grid before PAV: a forecast from S sample paths only takes the values
 # k / S, and pooling keeps the fit O(distinct values) instead of O(outcomes)
-PROBABILITY_RESOLUTION = 1e-3
+PROBABILITY_BINS = 1000
+
+
+def pool_probabilities(probability: np.ndarray, outcome: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray,
+                                                                                                   np.ndarray]:
+    """(B, PROBABILITY_BINS + 1) weight and weighted outcome per rounded probability, for each of the B rows of
+    (B, N) probabilities, outcomes (0/1) and weights."""
+    rows, bins = probability.shape[0], PROBABILITY_BINS + 1
+    binned = np.rint(np.clip(probability, 0.0, 1.0) * PROBABILITY_BINS).astype(np.int64)
+    index = binned + bins * np.arange(rows)[:, None]
+    mass = np.bincount(index.ravel(), weights=weights.ravel(), minlength=rows * bins).reshape(rows, bins)
+    ups = np.bincount(index.ravel(), weights=(weights * outcome).ravel(), minlength=rows * bins).reshape(rows, bins)
+    return mass, ups
 
 
 def pool_adjacent_violators(values: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,18 +71,13 @@ class MonotoneMap:
         return np.interp(probability, self.knots_x, self.knots_y)
 
 
-def fit_shrunk_isotonic(probability: np.ndarray, outcome: np.ndarray, weights: np.ndarray,
-                        prior_strength: float) -> MonotoneMap:
-    """Fit the shrunk isotonic map of the outcomes (0/1) on the raw probabilities, weighted."""
-    keep = weights > 0
-    probability, outcome, weights = probability[keep], outcome[keep], weights[keep]
-    if len(probability) == 0:
+def fit_shrunk_isotonic(mass: np.ndarray, ups: np.ndarray, prior_strength: float) -> MonotoneMap:
+    """Fit the shrunk isotonic map from one row of `pool_probabilities`: weight and weighted ups per bin."""
+    occupied = np.flatnonzero(mass > 0)
+    if len(occupied) == 0:
         return MonotoneMap(np.empty(0), np.empty(0), 0.0)
-    pooled_x, inverse = np.unique(np.round(probability / PROBABILITY_RESOLUTION).astype(np.int64),
-                                  return_inverse=True)
-    mass = np.bincount(inverse, weights=weights)
-    ups = np.bincount(inverse, weights=weights * outcome)
-    x = pooled_x * PROBABILITY_RESOLUTION
+    mass, ups = mass[occupied], ups[occupied]
+    x = occupied / PROBABILITY_BINS
     starts, means, masses = pool_adjacent_violators(ups / mass, mass)
     shrunk = (means * masses + 0.5 * prior_strength) / (masses + prior_strength)
     # shrinking blocks of unequal weight can reorder them; pool again with the prior counted as weight
@@ -81,4 +88,4 @@ def fit_shrunk_isotonic(probability: np.ndarray, outcome: np.ndarray, weights: n
     # each block is flat from its smallest to its largest x; np.interp joins neighbouring blocks linearly
     knots_x = np.column_stack((x[starts], x[ends])).ravel()
     knots_y = np.repeat(final_value, 2)
-    return MonotoneMap(knots_x, knots_y, float(weights.sum()))
+    return MonotoneMap(knots_x, knots_y, float(mass.sum()))

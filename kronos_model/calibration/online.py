@@ -13,8 +13,8 @@ import numpy as np
 from kronos_model.calibration import state as packing
 from kronos_model.calibration.conformal import age_weights, rearrange, weighted_thresholds
 from kronos_model.calibration.forecasts import CalibratedForecast, CalibrationConfig, LookAheadError, RawForecast
-from kronos_model.calibration.grid import central_intervals, crps_from_quantiles
-from kronos_model.calibration.isotonic import MonotoneMap, fit_shrunk_isotonic
+from kronos_model.calibration.grid import central_intervals, level_weights
+from kronos_model.calibration.isotonic import MonotoneMap, fit_shrunk_isotonic, pool_probabilities
 
 STATE_FORMAT = 1
 COUNTERS = ("observed", "duplicate", "rejected", "expired")
@@ -76,6 +76,9 @@ class OnlineCalibrator:
         self._levels = np.asarray(config.levels)
         self._upper = self._levels >= 0.5  # where the conformal test point sits at +infinity
         self._intervals = central_intervals(config.levels)
+        self._band_lower = np.array([lower for _, lower, _ in self._intervals], dtype=np.int64)
+        self._band_upper = np.array([upper for _, _, upper in self._intervals], dtype=np.int64)
+        self._level_weights = level_weights(config.levels)
         # per step: a ring of the newest `window` outcomes (scores per level, raw P(up), went up)
         self._scores = np.full((horizon, level_count, window), np.nan)
         self._raw_prob = np.zeros((horizon, window))
@@ -144,7 +147,8 @@ class OnlineCalibrator:
         ready = self._count >= config.min_history
         if ready.any():
             weights = age_weights(self._count[ready], self._head[ready], config.window, config.half_life)
-            thresholds = weighted_thresholds(self._scores[ready], weights, self._aci_levels[ready], self._upper)
+            thresholds = weighted_thresholds(self._scores[ready], weights, self._count[ready],
+                                             self._aci_levels[ready], self._upper)
             issued_log[:, ready] = rearrange(raw_log[:, ready] + scale[ready] * thresholds.T, axis=0)
         issued_prob = np.array([self._prob_map(step)(forecast.prob_up[step]) for step in range(config.horizon)])
         self.advance(forecast.origin_ms)
@@ -173,14 +177,17 @@ class OnlineCalibrator:
     def _prob_map(self, step: int) -> MonotoneMap:
         fitted = self._prob_maps.get(step)
         if fitted is None:
-            count, window = self._count[step], self.config.window
-            weights = age_weights(self._count[step:step + 1], self._head[step:step + 1], window,
-                                  self.config.half_life)[0]
-            fitted = fit_shrunk_isotonic(self._raw_prob[step], self._went_up[step], weights,
-                                         self.config.prob_up_prior) if count else MonotoneMap(
-                np.empty(0), np.empty(0), 0.0)
-            self._prob_maps[step] = fitted
+            self._refit_prob_maps()
+            fitted = self._prob_maps[step]
         return fitted
+
+    def _refit_prob_maps(self) -> None:
+        """Refit the P(up) map of every step whose outcomes changed since its last fit (one pooling pass)."""
+        stale = np.array([step for step in range(self.config.horizon) if step not in self._prob_maps])
+        weights = age_weights(self._count[stale], self._head[stale], self.config.window, self.config.half_life)
+        mass, ups = pool_probabilities(self._raw_prob[stale], self._went_up[stale], weights)
+        for row, step in enumerate(stale.tolist()):
+            self._prob_maps[step] = fit_shrunk_isotonic(mass[row], ups[row], self.config.prob_up_prior)
 
     # -- outcomes -------------------------------------------------------------------------------------------
 
@@ -257,15 +264,20 @@ class OnlineCalibrator:
         self.counters["observed"] += 1
         # coverage ring
         row = self._coverage_head
-        for k, (_, lower, upper) in enumerate(self._intervals):
-            self._hits_raw[row, k] = raw[lower] <= realised <= raw[upper]
-            self._hits_cal[row, k] = issued[lower] <= realised <= issued[upper]
-        crps = crps_from_quantiles(config.levels, np.stack((raw, issued)), np.array([realised, realised]))
+        self._hits_raw[row] = (raw[self._band_lower] <= realised) & (realised <= raw[self._band_upper])
+        self._hits_cal[row] = (issued[self._band_lower] <= realised) & (realised <= issued[self._band_upper])
+        crps = self._crps(np.stack((raw, issued)), realised)
         self._outcome_scores[row] = (index + 1, (tracked.raw_prob[index] - went_up) ** 2,
                                      (tracked.issued_prob[index] - went_up) ** 2, crps[0], crps[1],
                                      float(tracked.issued_calibrated[index]))
         self._coverage_head = (row + 1) % config.coverage_window
         self._coverage_count = min(self._coverage_count + 1, config.coverage_window)
+
+    def _crps(self, quantiles: np.ndarray, realised: float) -> np.ndarray:
+        """crps_from_quantiles for (K, L) sorted quantiles of one outcome, without re-validating the grid."""
+        error = realised - quantiles
+        pinball = np.maximum(self._levels * error, (self._levels - 1) * error)
+        return 2.0 * pinball @ self._level_weights
 
     # -- history --------------------------------------------------------------------------------------------
 
