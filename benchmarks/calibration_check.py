@@ -9,7 +9,7 @@ CRPS of the 5 %...95 % quantile grid in basis points of log return (`crps_from_q
 paths' CRPS alongside shows the grid's approximation), and the Brier score of P(up). Origins before every step
 has `min_history` outcomes are not scored (they publish raw values); the rest are grouped by year.
 
-    python benchmarks/calibration_check.py [--stride 4] [--symbols BTCUSDT ETHUSDT] [--score-scale spread]
+    python benchmarks/calibration_check.py [--stride 6] [--symbols BTCUSDT ETHUSDT] [--score-scale spread]
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class Origins:
     forecasts: list[RawForecast]
     log_paths: np.ndarray  # (N, S, H)
     realised: np.ndarray  # (N, H) closes, NaN where the candle is missing
+    trailing_volatility: np.ndarray  # (N,) the realised volatility the forecaster scaled
 
 
 def mis_scaled_forecasts(times: np.ndarray, closes: np.ndarray, scale: float, horizon: int, stride: int,
@@ -62,7 +63,7 @@ def mis_scaled_forecasts(times: np.ndarray, closes: np.ndarray, scale: float, ho
     rng = np.random.default_rng(seed)
     log_close = np.log(closes)
     returns = np.diff(log_close, prepend=np.nan)
-    forecasts, log_paths, realised = [], [], []
+    forecasts, log_paths, realised, volatilities = [], [], [], []
     for t in range(trailing, len(times) - horizon, stride):
         if not np.isfinite(closes[t]):
             continue
@@ -74,7 +75,8 @@ def mis_scaled_forecasts(times: np.ndarray, closes: np.ndarray, scale: float, ho
         forecasts.append(RawForecast.from_paths(int(times[t]), float(closes[t]), closes[t] * np.exp(path)))
         log_paths.append(path)
         realised.append(closes[t + 1:t + 1 + horizon])
-    return Origins(forecasts, np.stack(log_paths), np.stack(realised))
+        volatilities.append(volatility)
+    return Origins(forecasts, np.stack(log_paths), np.stack(realised), np.array(volatilities))
 
 
 def score(origins: Origins, published: list, levels: tuple[float, ...]) -> dict[str, np.ndarray]:
@@ -120,7 +122,7 @@ def main() -> None:
     parser.add_argument("--symbols", nargs="+", default=["BTCUSDT", "ETHUSDT"])
     parser.add_argument("--scales", nargs="+", type=float, default=[0.5, 2.0])
     parser.add_argument("--horizon", type=int, default=24)
-    parser.add_argument("--stride", type=int, default=4, help="candles between origins")
+    parser.add_argument("--stride", type=int, default=6, help="candles between origins")
     parser.add_argument("--trailing", type=int, default=168, help="candles of realised volatility")
     parser.add_argument("--paths", type=int, default=30)
     parser.add_argument("--score-scale", choices=["spread", "none"], default="spread")
@@ -157,6 +159,21 @@ def main() -> None:
             print(summarise("all", scores, scored))
             for year in np.unique(years):
                 print(summarise(str(year), scores, scored & (years == year)))
+            # volatility regimes: terciles of the trailing volatility at the origin (conditional coverage)
+            edges = np.quantile(origins.trailing_volatility[scored], [1 / 3, 2 / 3])
+            regime = np.searchsorted(edges, origins.trailing_volatility)
+            for index, name in enumerate(("lo-vol", "mid-vol", "hi-vol")):
+                print(summarise(name, scores, scored & (regime == index)))
+            months = np.array([datetime.fromtimestamp(f.origin_ms / 1000, UTC).strftime("%Y-%m")
+                               for f in origins.forecasts])
+            monthly = {}
+            for month in np.unique(months[scored]):
+                rows = scored & (months == month)
+                for name in ("raw", "calibrated"):
+                    hits = scores[f"{name}_coverage_80"][rows][scores["valid"][rows]]
+                    monthly.setdefault(name, []).append(hits.mean())
+            print("  calendar months, coverage_80 min..max: " + "  ".join(
+                f"{name} {min(values):.3f}..{max(values):.3f}" for name, values in monthly.items()))
 
 
 if __name__ == "__main__":

@@ -271,7 +271,15 @@ def test_a_forecast_calibrated_twice_is_published_the_same():
     again = gaussian_forecast(29, log_closes[29], 3, 0.02)  # same origin, different raw numbers
     repeat = calibrator.calibrate(again)
     assert calibrator.counters["duplicate"] == 1
-    assert not np.allclose(repeat.raw.quantiles, repeat.quantiles)  # what was first published, not a re-run
+    first = calibrator.calibrate(gaussian_forecast(29, log_closes[29], 3, 0.005))
+    assert calibrator.counters["duplicate"] == 2
+    # both come back as first published, with the raw forecast that was first seen
+    assert np.array_equal(repeat.quantiles, first.quantiles) and np.array_equal(repeat.prob_up, first.prob_up)
+    assert np.allclose(repeat.raw.quantiles, gaussian_forecast(29, log_closes[29], 3, 0.005).quantiles, rtol=1e-12)
+    payload = json.loads(json.dumps(repeat.to_dict()))
+    assert payload["calibrated"] is True and len(payload["quantiles"]) == 19
+    assert payload["quantiles"]["p10"] == np.round(repeat.quantile(0.1), 8).tolist()
+    assert payload["raw"]["quantiles"]["p90"] == np.round(repeat.raw.quantiles[17], 8).tolist()
 
 
 # -- state ----------------------------------------------------------------------------------------------------

@@ -89,6 +89,12 @@ class CalibrationConfig:
         return cls(**values)
 
 
+def level_name(level: float) -> str:
+    """"p05", "p10", ... like the forecasts table and payload; "p2.5" for a level off the whole percents."""
+    percent = level * 100
+    return f"p{round(percent):02d}" if abs(percent - round(percent)) < 1e-9 else f"p{percent:g}"
+
+
 def _as_float_array(name: str, values: Any, shape: tuple[int, ...]) -> np.ndarray:
     try:
         array = np.array(values, dtype=np.float64)
@@ -199,3 +205,17 @@ class CalibratedForecast:
             if abs(coverage - nominal) < 1e-9:
                 return self.quantiles[lower], self.quantiles[upper]
         raise ValueError(f"the grid {list(self.levels)} has no central {nominal} band")
+
+    def to_dict(self, decimals: int = 8) -> dict[str, Any]:
+        """JSON-able summary for a payload: the published and the raw quantiles per level (keys "p05", "p10",
+        ...), P(up), and how calibrated they are."""
+
+        def by_level(quantiles: np.ndarray) -> dict[str, list[float]]:
+            return {level_name(level): np.round(quantiles[i], decimals).tolist() for i, level in enumerate(self.levels)}
+
+        return {
+            "calibrated": self.calibrated, "step_calibrated": self.step_calibrated.tolist(), "method": self.method,
+            "quantiles": by_level(self.quantiles), "prob_up": np.round(self.prob_up, 4).tolist(),
+            "prob_up_evidence": np.round(self.prob_up_evidence, 2).tolist(),
+            "raw": {"quantiles": by_level(self.raw.quantiles), "prob_up": np.round(self.raw.prob_up, 4).tolist()},
+        }

@@ -100,7 +100,8 @@ class OnlineCalibrator:
     # -- time -----------------------------------------------------------------------------------------------
 
     def advance(self, closed_open_ms: int) -> None:
-        """The candle that opened at `closed_open_ms` has closed. The clock never moves back."""
+        """The candle that opened at `closed_open_ms` has closed. The clock never moves back, so it must come
+        from a validated candle: a bogus far-future time would make every later forecast look stale."""
         closed_open_ms = _as_ms("closed_open_ms", closed_open_ms)
         if self.clock_ms is None or closed_open_ms > self.clock_ms:
             self.clock_ms = closed_open_ms
@@ -139,8 +140,9 @@ class OnlineCalibrator:
         existing = self._tracked.get(forecast.origin_ms)
         if track and existing is not None:
             self.counters["duplicate"] += 1
-            return self._published(forecast, existing.issued_log, existing.issued_calibrated,
-                                   existing.issued_prob)
+            first = RawForecast(existing.origin_ms, existing.last_close, config.levels,
+                                existing.last_close * np.exp(existing.raw_log), existing.raw_prob)
+            return self._published(first, existing.issued_log, existing.issued_calibrated, existing.issued_prob)
         raw_log = forecast.log_quantiles()
         scale = self._scale(raw_log)
         issued_log = raw_log.copy()
@@ -334,7 +336,11 @@ class OnlineCalibrator:
 
     def history(self, step: int | None = None) -> int:
         """Scores held for a step (1-based), or the smallest over all steps."""
-        return int(self._count.min() if step is None else self._count[step - 1])
+        if step is None:
+            return int(self._count.min())
+        if isinstance(step, bool) or not isinstance(step, int | np.integer) or not 1 <= step <= self.config.horizon:
+            raise ValueError(f"step must be an integer in 1..{self.config.horizon}, got {step!r}")
+        return int(self._count[step - 1])
 
     def coverage_report(self, step: int | None = None) -> dict[str, Any]:
         """Empirical coverage of the newest outcomes (all steps pooled, or one step) per nominal central band,
