@@ -123,6 +123,21 @@ def test_coverage_recovers_within_100_origins_after_volatility_triples():
         assert abs(hits[jump_at + 200:].mean() - nominal) <= 0.05
 
 
+def test_a_point_forecast_with_no_spread_gets_calibrated_bands():
+    # every raw quantile equals the last close (one sample path): the spread is floored at min_scale, so the
+    # scores are plain log returns in units of 1e-6 and the published bands are the conformal ones
+    origins = 900
+    log_closes = random_walk(origins + 4, 0.01, seed=21)
+    calibrator = OnlineCalibrator(small_config())
+    published, realised = live_stream(calibrator, log_closes, 0.0, origins)
+    assert np.all(published[0].raw.quantiles == published[0].last_close)
+    coverage = band_hits(published[300:], realised[300:], 0.8).mean()
+    assert abs(coverage - 0.8) <= 0.04
+    report = json.loads(json.dumps(calibrator.coverage_report(step=2)))
+    assert report["outcomes"] > 0 and report["coverage"]["0.8"]["raw"] == 0.0
+    assert set(report["coverage"]) == {"0.9", "0.8", "0.7", "0.6", "0.5", "0.4", "0.3", "0.2", "0.1"}
+
+
 # -- no look-ahead --------------------------------------------------------------------------------------------
 
 def test_an_outcome_that_has_not_closed_is_refused():

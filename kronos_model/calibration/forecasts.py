@@ -11,6 +11,7 @@ import numpy as np
 from kronos_model.calibration.grid import DEFAULT_LEVELS, central_intervals, validate_levels
 
 ScoreScale = Literal["spread", "none"]
+ScoreMode = Literal["central", "per-level"]
 
 
 class LookAheadError(ValueError):
@@ -28,10 +29,11 @@ class CalibrationConfig:
     window: int = 500  # newest scores kept per step (and P(up) outcomes per step)
     half_life: float | None = 150.0  # score age (observations) at which its weight halves; None: equal
     aci_gamma: float = 0.005  # adaptive conformal step size (Gibbs & Candès 2021); 0 turns ACI off
+    score_mode: ScoreMode = "central"  # "central": one CQR score per central band; "per-level": one per level
     score_scale: ScoreScale = "spread"  # "spread": scores in units of the raw 10-90 % spread; "none": raw
     min_scale: float = 1e-6  # floor of the spread (log return) so a collapsed forecast cannot divide by ~0
     prob_up_prior: float = 10.0  # pseudo-outcomes of 1/2 per isotonic block (shrinkage toward a coin flip)
-    coverage_window: int = 1000  # newest outcomes (all steps pooled) behind coverage_report()
+    coverage_window: int = 2400  # newest outcomes (all steps pooled) behind coverage_report(): 100 x 24 steps
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", validate_levels(self.levels))
@@ -46,6 +48,10 @@ class CalibrationConfig:
             raise ValueError(f"half_life must be positive or None, got {self.half_life!r}")
         if not (math.isfinite(self.aci_gamma) and 0 <= self.aci_gamma < 1):
             raise ValueError(f"aci_gamma must lie in [0, 1), got {self.aci_gamma!r}")
+        if self.score_mode not in ("central", "per-level"):
+            raise ValueError(f"score_mode must be 'central' or 'per-level', got {self.score_mode!r}")
+        if self.score_mode == "central" and not central_intervals(self.levels):
+            raise ValueError("score_mode='central' needs levels with mirrored pairs (tau and 1 - tau)")
         if self.score_scale not in ("spread", "none"):
             raise ValueError(f"score_scale must be 'spread' or 'none', got {self.score_scale!r}")
         if self.score_scale == "spread" and len(self.levels) < 2:
@@ -66,9 +72,10 @@ class CalibrationConfig:
         weighting = "equal weights" if self.half_life is None else f"half-life {self.half_life:g}"
         aci = f"ACI gamma {self.aci_gamma:g}" if self.aci_gamma > 0 else "no ACI"
         scale = "spread-scaled" if self.score_scale == "spread" else "unscaled"
-        return (f"per-level conformal quantile correction of log returns ({scale} scores, window {self.window}, "
-                f"{weighting}, {aci}, min history {self.min_history}); P(up): isotonic (PAV) shrunk toward 0.5 "
-                f"with prior {self.prob_up_prior:g}")
+        scores = "central-band CQR" if self.score_mode == "central" else "per-level one-sided conformal"
+        return (f"{scores} on log returns ({scale} scores, window {self.window}, {weighting}, {aci}, min history "
+                f"{self.min_history}); P(up): isotonic (PAV) shrunk toward 0.5 with prior {self.prob_up_prior:g}, "
+                "mixed with a coin flip by their discounted Brier scores")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

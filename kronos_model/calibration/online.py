@@ -18,6 +18,10 @@ from kronos_model.calibration.isotonic import MonotoneMap, fit_shrunk_isotonic, 
 
 STATE_FORMAT = 1
 COUNTERS = ("observed", "duplicate", "rejected", "expired")
+# exponentially weighted aggregation of P(up) experts: the square loss on [0, 1] is exp-concave for a
+# learning rate up to 1/2, which bounds the mix's cumulative Brier loss by the best expert's + ln(2) / 0.5
+# (Kivinen & Warmuth 1999; Cesa-Bianchi & Lugosi 2006, ch. 3)
+EXPERT_LEARNING_RATE = 0.5
 # coverage ring columns besides the hit masks
 _STEP, _BRIER_RAW, _BRIER_CAL, _CRPS_RAW, _CRPS_CAL, _WAS_CALIBRATED = range(6)
 
@@ -34,11 +38,14 @@ class _Tracked:
     issued_log: np.ndarray  # (L, H) published quantiles as log returns
     issued_calibrated: np.ndarray  # (H,) bool
     issued_prob: np.ndarray  # (H,)
+    isotonic_prob: np.ndarray  # (H,) the isotonic expert's P(up), mixed with 0.5 into issued_prob
+    aci_scale: np.ndarray  # (H,) share of the ACI step each outcome gets (1 / how many outcomes it overlaps)
     observed: np.ndarray  # (H,) bool
 
     _ARRAYS = (("raw_log", "float64", "LH"), ("scale", "float64", "H"), ("raw_prob", "float64", "H"),
                ("issued_log", "float64", "LH"), ("issued_calibrated", "bool", "H"),
-               ("issued_prob", "float64", "H"), ("observed", "bool", "H"))
+               ("issued_prob", "float64", "H"), ("isotonic_prob", "float64", "H"), ("aci_scale", "float64", "H"),
+               ("observed", "bool", "H"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"origin_ms": self.origin_ms, "last_close": self.last_close,
@@ -54,7 +61,7 @@ class _Tracked:
         shapes = {"LH": (levels, horizon), "H": (horizon,)}
         arrays = {name: packing.unpack(data.get(name), f"tracked {name}", dtype, shapes[shape])
                   for name, dtype, shape in cls._ARRAYS}
-        for name in ("raw_log", "scale", "raw_prob", "issued_log", "issued_prob"):
+        for name in ("raw_log", "scale", "raw_prob", "issued_log", "issued_prob", "isotonic_prob", "aci_scale"):
             if not np.all(np.isfinite(arrays[name])):
                 raise ValueError(f"calibration state: tracked {name} holds NaN or infinite values")
         return cls(int(data["origin_ms"]), float(last_close), **arrays)
@@ -70,22 +77,31 @@ class OnlineCalibrator:
 
     def __init__(self, config: CalibrationConfig):
         self.config = config
-        horizon, window, level_count = config.horizon, config.window, len(config.levels)
+        horizon, window = config.horizon, config.window
         self.clock_ms: int | None = None
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._levels = np.asarray(config.levels)
-        self._upper = self._levels >= 0.5  # where the conformal test point sits at +infinity
         self._intervals = central_intervals(config.levels)
         self._band_lower = np.array([lower for _, lower, _ in self._intervals], dtype=np.int64)
         self._band_upper = np.array([upper for _, _, upper in self._intervals], dtype=np.int64)
         self._level_weights = level_weights(config.levels)
+        # score columns: one per central band (target: its coverage; a score above the threshold is a miss) or
+        # one per level (target: the level; the test point at +inf for upper levels, -inf for lower ones)
+        if config.score_mode == "central":
+            self._targets = np.array([nominal for nominal, _, _ in self._intervals])
+            self._upper = np.ones(len(self._targets), dtype=bool)
+        else:
+            self._targets = self._levels.copy()
+            self._upper = self._levels >= 0.5
+        columns = len(self._targets)
         # per step: a ring of the newest `window` outcomes (scores per level, raw P(up), went up)
-        self._scores = np.full((horizon, level_count, window), np.nan)
+        self._scores = np.full((horizon, columns, window), np.nan)
         self._raw_prob = np.zeros((horizon, window))
         self._went_up = np.zeros((horizon, window))
         self._count = np.zeros(horizon, dtype=np.int64)
         self._head = np.zeros(horizon, dtype=np.int64)
-        self._aci_levels = np.tile(self._levels, (horizon, 1))  # the level each quantile aims at now
+        self._aci_levels = np.tile(self._targets, (horizon, 1))  # the level each score column aims at now
+        self._expert_log_weights = np.zeros((horizon, 2))  # P(up) experts per step: coin flip, isotonic
         self._observations = np.zeros(horizon, dtype=np.int64)  # all-time outcomes per step
         # pooled over steps: the newest `coverage_window` outcomes, for coverage_report
         size = config.coverage_window
@@ -151,14 +167,41 @@ class OnlineCalibrator:
             weights = age_weights(self._count[ready], self._head[ready], config.window, config.half_life)
             thresholds = weighted_thresholds(self._scores[ready], weights, self._count[ready],
                                              self._aci_levels[ready], self._upper)
-            issued_log[:, ready] = rearrange(raw_log[:, ready] + scale[ready] * thresholds.T, axis=0)
-        issued_prob = np.array([self._prob_map(step)(forecast.prob_up[step]) for step in range(config.horizon)])
+            issued_log[:, ready] = rearrange(self._corrected(raw_log[:, ready], scale[ready], thresholds), axis=0)
+        isotonic_prob = np.array([self._prob_map(step)(forecast.prob_up[step]) for step in range(config.horizon)])
+        coin_weight = self._coin_weight()
+        issued_prob = coin_weight * 0.5 + (1 - coin_weight) * isotonic_prob
+        aci_scale = self._aci_scale(forecast.origin_ms)
         self.advance(forecast.origin_ms)
         if track:
             self._tracked[forecast.origin_ms] = _Tracked(
                 forecast.origin_ms, forecast.last_close, raw_log, scale, forecast.prob_up.copy(), issued_log,
-                ready.copy(), issued_prob, np.zeros(config.horizon, dtype=bool))
+                ready.copy(), issued_prob, isotonic_prob, aci_scale, np.zeros(config.horizon, dtype=bool))
         return self._published(forecast, issued_log, ready, issued_prob)
+
+    def _corrected(self, raw_log: np.ndarray, scale: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+        """(L, B) raw log quantiles moved by the conformal thresholds (B, K) in units of `scale` (B,)."""
+        moves = scale * thresholds.T  # (K, B)
+        if self.config.score_mode == "per-level":
+            return raw_log + moves
+        corrected = raw_log.copy()  # levels outside every central band (the median) keep their raw value
+        corrected[self._band_lower] -= moves
+        corrected[self._band_upper] += moves
+        return corrected
+
+    def _coin_weight(self) -> np.ndarray:
+        """(H,) weight of the coin flip in the published P(up) (the isotonic expert gets the rest)."""
+        weights = np.exp(self._expert_log_weights - self._expert_log_weights.max(axis=1, keepdims=True))
+        return weights[:, 0] / weights.sum(axis=1)
+
+    def _aci_scale(self, origin_ms: int) -> np.ndarray:
+        """(H,) share of the ACI step for this forecast's outcomes. Forecasts `spacing` candles apart share
+        h - spacing of the h candles behind their step-h outcomes, so those misses come in runs of about
+        h / spacing; each outcome then moves the level by gamma * spacing / h, not gamma (no spacing known yet:
+        every candle, as the daemon forecasts)."""
+        tracked = [origin for origin in self._tracked if origin < origin_ms]
+        spacing = 1.0 if not tracked else max(1.0, (origin_ms - max(tracked)) / self.config.interval_ms)
+        return np.minimum(1.0, spacing / np.arange(1, self.config.horizon + 1))
 
     def _published(self, forecast: RawForecast, issued_log: np.ndarray, calibrated: np.ndarray,
                    prob: np.ndarray) -> CalibratedForecast:
@@ -248,13 +291,20 @@ class OnlineCalibrator:
         config = self.config
         realised = math.log(close / tracked.last_close)
         raw, issued = tracked.raw_log[:, index], tracked.issued_log[:, index]
+        if config.score_mode == "central":
+            # CQR: how far outside the raw band the outcome fell (negative inside); "hit" = inside the published
+            scores = np.maximum(raw[self._band_lower] - realised, realised - raw[self._band_upper])
+            hits = (issued[self._band_lower] <= realised) & (realised <= issued[self._band_upper])
+        else:
+            # one-sided per level: where the outcome fell relative to the raw quantile; "hit" = at or below it
+            scores = realised - raw
+            hits = realised <= issued
         if tracked.issued_calibrated[index] and config.aci_gamma > 0:
-            # Gibbs & Candès: a level whose published quantile the outcome fell under moves down, else up
-            below = (realised <= issued).astype(np.float64)
-            self._aci_levels[index] = np.clip(self._aci_levels[index] + config.aci_gamma * (self._levels - below),
-                                              0.0, 1.0)
+            # Gibbs & Candès: alpha_t+1 = alpha_t + gamma (alpha - err_t), written for the target 1 - alpha
+            step_size = config.aci_gamma * tracked.aci_scale[index]
+            self._aci_levels[index] = np.clip(self._aci_levels[index] + step_size * (self._targets - hits), 0.0, 1.0)
         slot = self._head[index]
-        self._scores[index, :, slot] = (realised - raw) / tracked.scale[index]
+        self._scores[index, :, slot] = scores / tracked.scale[index]
         self._raw_prob[index, slot] = tracked.raw_prob[index]
         went_up = float(close > tracked.last_close)
         self._went_up[index, slot] = went_up
@@ -262,6 +312,10 @@ class OnlineCalibrator:
         self._count[index] = min(self._count[index] + 1, config.window)
         self._observations[index] += 1
         self._prob_maps.pop(index, None)
+        # P(up) experts: discount their past losses like the scores, add this outcome's Brier loss
+        discount = 1.0 if config.half_life is None else 2.0 ** (-1.0 / config.half_life)
+        losses = np.array([0.25, (tracked.isotonic_prob[index] - went_up) ** 2])
+        self._expert_log_weights[index] = discount * self._expert_log_weights[index] - EXPERT_LEARNING_RATE * losses
         tracked.observed[index] = True
         self.counters["observed"] += 1
         # coverage ring
@@ -380,11 +434,12 @@ class OnlineCalibrator:
         }
 
     def _state_arrays(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        horizon, window, levels = self.config.horizon, self.config.window, len(self._levels)
+        horizon, window, columns = self.config.horizon, self.config.window, len(self._targets)
         size, intervals = self.config.coverage_window, len(self._intervals)
-        return [("scores", "float64", (horizon, levels, window)), ("raw_prob", "float64", (horizon, window)),
+        return [("scores", "float64", (horizon, columns, window)), ("raw_prob", "float64", (horizon, window)),
                 ("went_up", "float64", (horizon, window)), ("count", "int64", (horizon,)),
-                ("head", "int64", (horizon,)), ("aci_levels", "float64", (horizon, levels)),
+                ("head", "int64", (horizon,)), ("aci_levels", "float64", (horizon, columns)),
+                ("expert_log_weights", "float64", (horizon, 2)),
                 ("observations", "int64", (horizon,)), ("hits_raw", "bool", (size, intervals)),
                 ("hits_cal", "bool", (size, intervals)), ("outcome_scores", "float64", (size, 6))]
 
@@ -414,6 +469,8 @@ class OnlineCalibrator:
         levels = calibrator._aci_levels
         if not np.all(np.isfinite(levels) & (levels >= 0) & (levels <= 1)):
             raise ValueError("calibration state: ACI levels must lie in [0, 1]")
+        if not np.all(np.isfinite(calibrator._expert_log_weights) & (calibrator._expert_log_weights <= 0)):
+            raise ValueError("calibration state: P(up) expert log-weights must be finite and <= 0")
         for name in ("raw_prob", "went_up"):
             values = getattr(calibrator, f"_{name}")
             if not np.all(np.isfinite(values) & (values >= 0) & (values <= 1)):
