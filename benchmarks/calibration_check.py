@@ -9,7 +9,7 @@ CRPS of the 5 %...95 % quantile grid in basis points of log return (`crps_from_q
 paths' CRPS alongside shows the grid's approximation), and the Brier score of P(up). Origins before every step
 has `min_history` outcomes are not scored (they publish raw values); the rest are grouped by year.
 
-    python benchmarks/calibration_check.py [--stride 6] [--symbols BTCUSDT ETHUSDT] [--score-scale spread]
+    python benchmarks/calibration_check.py [--stride 1] [--symbols BTCUSDT ETHUSDT] [--score-scale spread]
 """
 
 from __future__ import annotations
@@ -122,15 +122,20 @@ def main() -> None:
     parser.add_argument("--symbols", nargs="+", default=["BTCUSDT", "ETHUSDT"])
     parser.add_argument("--scales", nargs="+", type=float, default=[0.5, 2.0])
     parser.add_argument("--horizon", type=int, default=24)
-    parser.add_argument("--stride", type=int, default=6, help="candles between origins")
+    parser.add_argument("--stride", type=int, default=1, help="candles between origins (1: like the daemon)")
     parser.add_argument("--trailing", type=int, default=168, help="candles of realised volatility")
     parser.add_argument("--paths", type=int, default=30)
-    parser.add_argument("--score-scale", choices=["spread", "none"], default="spread")
+    parser.add_argument("--score-scale", choices=["spread", "none"], default=None, help="default: the config's")
+    parser.add_argument("--score-mode", choices=["central", "per-level"], default=None, help="default: the config's")
     parser.add_argument("--half-life", type=float, default=None, help="default: the config's")
     parser.add_argument("--gamma", type=float, default=None, help="ACI step; default: the config's")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    overrides = {"score_scale": args.score_scale}
+    overrides: dict[str, object] = {}
+    if args.score_scale is not None:
+        overrides["score_scale"] = args.score_scale
+    if args.score_mode is not None:
+        overrides["score_mode"] = args.score_mode
     if args.half_life is not None:
         overrides["half_life"] = args.half_life
     if args.gamma is not None:

@@ -16,41 +16,51 @@ Usage (the daemon; `replay`/`warm` do the same over history)::
     published.quantiles, published.prob_up, published.calibrated, published.raw
     calibrator.coverage_report()                          # recent coverage per nominal band, raw and published
 
-Quantiles: conformalized quantile regression, one-sided per level
---------------------------------------------------------------------
-The split-conformal correction of quantile regression (CQR, Romano, Patterson & Candès 2019) is applied to
-each quantile level tau on its own, as in the one-sided variant of that paper and Sesia & Candès (2020):
-in log-return space relative to the origin's close, the score of an outcome y for level tau is
+Quantiles: conformalized quantile regression on the central bands
+-----------------------------------------------------------------
+Scores live in log-return space relative to the origin's close: r_tau = log(raw quantile / last close), y the
+realised log return. The default `score_mode="central"` is split-conformal CQR (Romano, Patterson & Candès
+2019) applied to every central band the grid holds (5-95 %, 10-90 %, ..., 45-55 %):
 
-    s_tau = (y - r_tau) / spread,    r_tau = log(raw quantile / last close),  spread = r_90% - r_10%
+    E = max(r_lo - y, y - r_hi) / spread,    spread = r_90% - r_10% of the same forecast
 
-and the published quantile is r_tau + spread * Q(s_tau), Q the weighted conformal quantile of the step's past
-scores at level tau (upper levels add the test point at +infinity, lower ones at -infinity, so every central
-band errs wide). Per-level rather than per-interval scores also remove a bias of the median (the raw median
-path that jumps away from the last close), which a symmetric interval score cannot. Dividing by the raw
-spread (`score_scale="spread"`, the normalised scores of Lei et al. 2018) lets a model whose spread follows
-volatility keep doing so; `"none"` uses plain differences for a model whose spread carries no information.
-The corrected levels are sorted (rearrangement, Chernozhukov et al. 2010) so quantiles never cross.
+how far the outcome fell outside the raw band (negative inside). The published band is [r_lo - spread Q,
+r_hi + spread Q], Q the weighted conformal quantile of the step's past E at the band's coverage (the test
+point counted at +infinity, so bands err wide). The median (and any level without a mirror) stays raw, so
+the calibrator never chases a trend. `score_mode="per-level"` instead corrects every level on its own, one
+sided (s = (y - r_tau) / spread, published r_tau + spread Q_tau(s); upper levels put the test point at
++infinity, lower ones at -infinity): it also removes a biased median, but on hourly crypto with overlapping
+horizons it measured noisier (CRPS 1-2 % worse than "central", benchmarks/calibration_check.py). Dividing by
+the raw spread (`score_scale="spread"`, the normalised scores of Lei et al. 2018) lets a model whose spread
+follows volatility keep doing so; `"none"` uses plain log-return differences. Corrected levels are sorted
+(rearrangement, Chernozhukov et al. 2010), so quantiles never cross.
 
 Regime changes: scores are weighted by age (halving every `half_life` outcomes within a `window`, the
-non-exchangeable conformal prediction of Barber et al. 2023), and each level's target is moved by adaptive
-conformal inference (ACI, Gibbs & Candès 2021): after each outcome, tau_t+1 = tau_t + gamma (tau - 1{y <=
-published q_tau}), i.e. alpha_t+1 = alpha_t + gamma (alpha - err_t) per tail, clipped to [0, 1] (there the
-threshold is the most extreme score rather than infinite). Only outcomes of forecasts that were published
-calibrated move the level.
+non-exchangeable conformal prediction of Barber et al. 2023), and each band's (or level's) target is moved by
+adaptive conformal inference (ACI, Gibbs & Candès 2021): alpha_t+1 = alpha_t + gamma (alpha - err_t), i.e.
+target_t+1 = target_t + gamma (target - hit_t), clipped to [0, 1] (there the threshold is the most extreme
+score rather than infinite). Only forecasts that were published calibrated move it.
 
 Delayed feedback (Wang & Hyndman 2024, multi-step conformal prediction): the outcome of an h-step forecast
-is known only h candles later, so each horizon step keeps its own score ring, ACI levels and P(up) outcomes,
-fed as its targets close. The calibrator keeps each forecast it published (`track`) until its targets close.
+is known only h candles later, so each horizon step keeps its own score ring, ACI targets and P(up) state,
+fed as its targets close; the calibrator keeps each forecast it published (`track`) until they do. Forecasts
+made every candle share h - 1 of the h candles behind consecutive step-h outcomes, so misses arrive in runs of
+about h: each outcome gets gamma * spacing / h of the ACI step (spacing: candles since the previous forecast),
+which keeps the long-run correction while stopping the runs from swinging the band (measured: without it the
+calibrated CRPS of a too-wide forecaster came out worse than raw on hourly ETHUSDT).
 
-P(up): isotonic recalibration
------------------------------
+P(up): isotonic recalibration mixed with a coin flip
+-----------------------------------------------------
 Per step, the outcomes (close above the origin's close) of recent forecasts are regressed on their raw P(up)
 by weighted pool-adjacent-violators (isotonic regression, Zadrozny & Elkan 2002), each block shrunk toward
-0.5 by `prob_up_prior` pseudo-outcomes: 0.5 with no evidence, near 0.5 with little, the base rate when the
-raw P(up) carries no information or the wrong sign (isotonic can merge, never invert). This is published
-from the first forecast on; the quantiles stay raw (flagged `step_calibrated` False) until a step has
-`min_history` scores.
+0.5 by `prob_up_prior` pseudo-outcomes, so a block backed by a handful of outcomes stays near a coin flip and
+an anti-informative raw P(up) merges into the base rate (isotonic can merge, never invert). That expert is
+then mixed with the constant 0.5 by exponentially weighted aggregation on their discounted Brier losses
+(learning rate 1/2, for which the square loss is exp-concave: the mix's cumulative loss is within ln 2 / 0.5
+of the better expert's; Kivinen & Warmuth 1999, Cesa-Bianchi & Lugosi 2006), so where overlapping, correlated
+outcomes make the isotonic fit overfit, the published P(up) falls back to a coin flip. With no evidence it is
+exactly 0.5. It is published from the first forecast on; the quantiles stay raw (flagged `step_calibrated`
+False) until a step has `min_history` scores.
 
 No look-ahead, by construction
 ------------------------------
@@ -71,6 +81,8 @@ beyond exchangeability, Ann. Statist. 2023. Wang & Hyndman, Online conformal inf
 series forecasting, arXiv:2410.13115, 2024. Zadrozny & Elkan, Transforming classifier scores into accurate
 multiclass probability estimates, KDD 2002. Chernozhukov, Fernández-Val & Galichon, Quantile and probability
 curves without crossing, Econometrica 2010. Gneiting & Raftery, Strictly proper scoring rules, JASA 2007.
+Kivinen & Warmuth, Averaging expert predictions, EuroCOLT 1999. Cesa-Bianchi & Lugosi, Prediction, Learning,
+and Games, 2006.
 """
 
 from kronos_model.calibration.forecasts import CalibratedForecast, CalibrationConfig, LookAheadError, RawForecast

@@ -26,8 +26,8 @@ class CalibrationConfig:
     interval_ms: int  # candle length: the target of (origin, step) opens at origin + step * interval_ms
     levels: tuple[float, ...] = DEFAULT_LEVELS  # the quantile levels every forecast carries
     min_history: int = 50  # scores a step needs before it is calibrated (below: raw, flagged)
-    window: int = 500  # newest scores kept per step (and P(up) outcomes per step)
-    half_life: float | None = 150.0  # score age (observations) at which its weight halves; None: equal
+    window: int = 720  # newest scores kept per step (and P(up) outcomes per step): 30 days of hourly origins
+    half_life: float | None = 240.0  # score age (outcomes) at which its weight halves; None: equal weights
     aci_gamma: float = 0.005  # adaptive conformal step size (Gibbs & Candès 2021); 0 turns ACI off
     score_mode: ScoreMode = "central"  # "central": one CQR score per central band; "per-level": one per level
     score_scale: ScoreScale = "spread"  # "spread": scores in units of the raw 10-90 % spread; "none": raw
