@@ -458,6 +458,12 @@ def test_bad_configs_and_histories_raise():
     with pytest.raises(ValueError):
         calibrator.replay([(forecast, [100.0, 101.0, 102.0]), (forecast, [100.0, 101.0, 102.0])])
     assert calibrator.clock_ms is None and calibrator.counters["observed"] == 0
+    calibrator.advance(5 * HOUR)
+    before = calibrator.to_state()
+    with pytest.raises(LookAheadError):  # a history older than the clock is refused before it touches anything
+        calibrator.replay([(gaussian_forecast(6, math.log(100.0), 3, 0.01), [100.0, 101.0, 102.0]),
+                           (forecast, [100.0, 101.0, 102.0])])
+    assert calibrator.to_state() == before
 
 
 def test_forecasts_whose_targets_never_close_expire():
@@ -478,6 +484,21 @@ def test_raw_forecast_from_sample_paths():
     assert np.allclose(forecast.prob_up, (paths > 100.0).mean(axis=0))
     with pytest.raises(ValueError):
         RawForecast.from_paths(0, 100.0, np.full((30, 4), np.nan))
+
+
+def test_raw_forecast_from_a_predictor_forecast_matches_its_summaries():
+    import pandas as pd
+
+    from kronos_model.predictor import Forecast
+
+    rng = np.random.default_rng(6)
+    paths = 100.0 * np.exp(rng.normal(0, 0.01, (30, 5, 6)).cumsum(axis=1))
+    forecast = Forecast(pd.date_range("2024-01-01", periods=5, freq="h"), paths, 100.0)
+    close = forecast.columns.index("close")
+    raw = RawForecast.from_paths(0, forecast.last_close, forecast.paths[:, :, close])
+    for level in (0.1, 0.5, 0.9):
+        assert np.allclose(raw.quantiles[list(DEFAULT_LEVELS).index(level)], forecast.quantiles[level][:, close])
+    assert np.array_equal(raw.prob_up, forecast.prob_up)
 
 
 # -- CRPS from the quantile grid ------------------------------------------------------------------------------

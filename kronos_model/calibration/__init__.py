@@ -12,7 +12,9 @@ Usage (the daemon; `replay`/`warm` do the same over history)::
     calibrator.warm((RawForecast(...), realised_closes) for each stored forecast)    # at start
     ...on every closed candle:
     calibrator.observe_candle(open_time_ms, close)        # outcomes of earlier forecasts, clock -> open_time
-    published = calibrator.calibrate(RawForecast.from_paths(open_time_ms, close, close_paths))
+    close_paths = forecast.paths[:, :, forecast.columns.index("close")]        # a predictor.Forecast
+    raw = RawForecast.from_paths(open_time_ms, forecast.last_close, close_paths)
+    published = calibrator.calibrate(raw)
     published.quantiles, published.prob_up, published.calibrated, published.raw
     calibrator.coverage_report()                          # recent coverage per nominal band, raw and published
 

@@ -360,6 +360,10 @@ class OnlineCalibrator:
         origins = [forecast.origin_ms for forecast, _ in items]
         if len(set(origins)) != len(origins):
             raise ValueError("history holds two forecasts with the same origin")
+        if origins and self.clock_ms is not None and origins[0] < self.clock_ms:
+            # checked before anything is registered, so a refused history leaves the calibrator as it was
+            raise LookAheadError(f"history starts at origin {origins[0]}, before the calibrator's clock "
+                                 f"{self.clock_ms}: replay it into a fresh calibrator")
         outcomes: list[tuple[int, int, int, float]] = []  # (target open, origin, step, close), a heap
         published = []
 
