@@ -97,6 +97,23 @@ class ModelConfig(BaseModel):
     keep_versions: int = Field(5, ge=2, description="model versions kept besides current and previous")
 
 
+class CalibrationSettings(BaseModel):
+    """Online calibration of the published close quantiles and P(up) (kronos_model.calibration)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    min_history: int = Field(50, ge=1, description="outcomes a horizon step needs before it is published calibrated")
+    window: int = Field(720, ge=2, description="newest outcomes kept per step")
+    warm_origins: int = Field(1000, ge=0, description="newest stored forecasts replayed per pair at start")
+
+    @model_validator(mode="after")
+    def _history_fits(self) -> CalibrationSettings:
+        if self.min_history > self.window:
+            raise ValueError(f"calibration.min_history ({self.min_history}) cannot exceed window ({self.window})")
+        return self
+
+
 class ForecastConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -110,6 +127,7 @@ class ForecastConfig(BaseModel):
     seed: int = 0
     score_every: int = Field(24, ge=1, description="publish rolling ledger scores after this many forecasts")
     score_window_days: float = Field(7, gt=0, description="the rolling window of those scores")
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
 
     @model_validator(mode="after")
     def _standard_quantiles(self) -> ForecastConfig:

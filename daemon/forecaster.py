@@ -11,6 +11,13 @@ Forecasts only move forward: a candle at or before the newest origin already for
 duplicate, a re-sent older close, a candle forecast before a restart) is skipped, so neither the
 `forecasts` table nor the retained MQTT topic ever goes back to an older origin. The newest origins are
 read from the store at start (`load_newest_origins`).
+
+Calibration (daemon/calibration.py): before a pair is forecast, the closed candles read for its look-back are
+fed to its calibrator (outcomes of earlier forecasts); the forecast's close quantiles and P(up) are then
+calibrated. The payload and the `*_cal` columns carry the calibrated close p10/p50/p90 and P(up) once every
+step is calibrated; until then the raw values are published with `calibrated: false`. The raw model output is
+always kept (the table's existing columns, the payload's `raw`). A calibration error never stops a forecast:
+it is logged and counted, and the forecast goes out raw.
 """
 
 from __future__ import annotations
@@ -27,14 +34,19 @@ import polars as pl
 import structlog
 import torch
 
+from daemon.calibration import LEVELS, PairCalibrators
 from daemon.config import ForecastConfig, ModelConfig
 from daemon.ledger import rolling_scores
 from daemon.mqtt import Publisher
 from kronos_model import Forecast, Kronos, KronosPredictor, KronosTokenizer
+from kronos_model.calibration import CalibratedForecast, RawForecast
 from kronos_model.data import FEATURES, candles_to_frame
 from storage.forecasts import (
+    CALIBRATED_COLUMNS,
+    CALIBRATION_QUANTILES,
     FORECAST_COLUMNS,
     STORED_QUANTILES,
+    calibration_history,
     insert_forecasts,
     insert_model_event,
     newest_forecast_origins,
@@ -76,7 +88,9 @@ def target_times_ms(origin_ms: int, interval: str, steps: int) -> list[int]:
 
 
 def forecast_rows(result: Forecast, symbol: str, interval: str, origin_ms: int, version: str,
-                  issued_ms: int) -> pl.DataFrame:
+                  issued_ms: int, calibrated: CalibratedForecast | None = None) -> pl.DataFrame:
+    """The forecasts table's rows: the raw model output, the raw close p05/p95 the calibrator is warmed from,
+    and (when `calibrated`, i.e. it was published calibrated) the calibrated close quantiles and P(up)."""
     steps = len(result.timestamps)
     data: dict[str, Any] = {
         "symbol": [symbol] * steps, "interval": [interval] * steps, "origin_time": [origin_ms] * steps,
@@ -89,14 +103,22 @@ def forecast_rows(result: Forecast, symbol: str, interval: str, origin_ms: int, 
         for q, name in STORED_QUANTILES.items():
             data[f"{column}_{name}"] = result.quantiles[q][:, j]
     data["prob_up"] = result.prob_up
-    return pl.DataFrame(data)
+    for level in (0.05, 0.95):
+        data[f"close_{CALIBRATION_QUANTILES[level]}"] = result.close_quantile(level)
+    nothing = [None] * steps  # published raw: no calibrated values (NULL)
+    for level, name in STORED_QUANTILES.items():
+        data[f"close_{name}_cal"] = nothing if calibrated is None else calibrated.quantile(level)
+    data["prob_up_cal"] = nothing if calibrated is None else calibrated.prob_up
+    return pl.DataFrame(data, schema_overrides=dict.fromkeys(CALIBRATED_COLUMNS, pl.Float64))
 
 
 def forecast_payload(result: Forecast, symbol: str, interval: str, origin_ms: int, version: str,
-                     issued_ms: int) -> dict[str, Any]:
-    """The MQTT payload (documented in the README)."""
+                     issued_ms: int, calibrated: CalibratedForecast | None = None,
+                     calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The MQTT payload (documented in the README). With `calibrated` (every step calibrated), the close
+    p10/p50/p90 and prob_up are the calibrated ones; the raw ones are always under `raw`."""
     columns = list(FORECAST_COLUMNS)
-    return {
+    payload = {
         "symbol": symbol, "interval": interval, "issued_at": format_ms(issued_ms), "origin_time": format_ms(origin_ms),
         "model_version": version, "last_close": result.last_close, "sample_paths": len(result.paths),
         "timestamps": [format_ms(t) for t in target_times_ms(origin_ms, interval, len(result.timestamps))],
@@ -105,6 +127,17 @@ def forecast_payload(result: Forecast, symbol: str, interval: str, origin_ms: in
            for q, name in STORED_QUANTILES.items()},
         "prob_up": np.round(result.prob_up, 4).tolist(),
     }
+    payload["raw"] = {**{name: {"close": np.round(result.close_quantile(q), 8).tolist()}
+                         for q, name in STORED_QUANTILES.items()},
+                      "prob_up": np.round(result.prob_up, 4).tolist()}
+    if calibrated is not None:
+        for q, name in STORED_QUANTILES.items():
+            payload[name]["close"] = np.round(calibrated.quantile(q), 8).tolist()
+        payload["prob_up"] = np.round(calibrated.prob_up, 4).tolist()
+    payload["calibrated"] = calibrated is not None
+    payload["calibration"] = calibration or {"method": None, "coverage_80": None, "coverage_90": None,
+                                             "outcomes": 0}
+    return payload
 
 
 class ForecastService:
@@ -123,9 +156,12 @@ class ForecastService:
         # Called after each forecast is stored and handed to MQTT (dashboard, metrics); must not block.
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.score_listeners: list[Callable[[list[dict[str, Any]]], None]] = []
+        self.calibrators = PairCalibrators(forecast.calibration, forecast.horizon)
         torch.set_num_threads(model.threads)
 
     def set_champion(self, version: str, tokenizer: KronosTokenizer, model: Kronos) -> None:
+        """Swap the model. Calibrators belong to a model version: each pair's is rebuilt from the new
+        version's stored forecasts before its next forecast (see daemon/calibration.py)."""
         self.champion = Champion(version, build_predictor(tokenizer, model, self.model_config))
 
     async def load_newest_origins(self) -> None:
@@ -197,6 +233,7 @@ class ForecastService:
             log.info("forecast_skipped", symbol=symbol, interval=interval, reason="not enough history",
                      have=candles.height, need=config.lookback)
             return False
+        await self._observe(pair, champion.version, origin_ms, candles)  # outcomes first: they precede the origin
         seed = config.seed + origin_ms // step  # reproducible per origin
         result = await asyncio.to_thread(forecast_window, champion, candles_to_frame(candles), step, config, seed)
         model_done = time.monotonic()
@@ -204,10 +241,13 @@ class ForecastService:
         if origin_ms <= self.newest_origin.get(pair, -1):
             return False  # a newer origin was forecast while this one ran
         self.newest_origin[pair] = origin_ms
-        rows = forecast_rows(result, symbol, interval, origin_ms, champion.version, issued)
+        calibrated = self._calibrate(pair, origin_ms, result)
+        published = calibrated if calibrated is not None and calibrated.calibrated else None
+        rows = forecast_rows(result, symbol, interval, origin_ms, champion.version, issued, published)
         await self.writer.run(lambda store: insert_forecasts(store.con, rows))
         stored = time.monotonic()
-        payload = forecast_payload(result, symbol, interval, origin_ms, champion.version, issued)
+        summary = self.calibrators.summary(pair) if calibrated is not None else None
+        payload = forecast_payload(result, symbol, interval, origin_ms, champion.version, issued, published, summary)
         if self.publisher is not None:
             self.publisher.publish_forecast(symbol, interval, payload, origin_ms=origin_ms)
         self.published += 1
@@ -223,5 +263,42 @@ class ForecastService:
                  model_version=champion.version, latency_ms=None if latency is None else round(latency, 1),
                  read_ms=round((read_done - began) * 1000, 1), model_ms=round((model_done - read_done) * 1000, 1),
                  store_ms=round((stored - model_done) * 1000, 1),
-                 p50_close_next=round(float(result.close_quantile(0.5)[0]), 2), prob_up_next=float(result.prob_up[0]))
+                 p50_close_next=round(float(result.close_quantile(0.5)[0]), 2), prob_up_next=float(result.prob_up[0]),
+                 calibrated=published is not None)
         return True
+
+    async def _observe(self, pair: Pair, version: str, origin_ms: int, candles: pl.DataFrame) -> None:
+        """Warm the pair's calibrator if it has none for this model version, then feed it the closed candles."""
+        calibrators = self.calibrators
+        if not calibrators.settings.enabled:
+            return
+        try:
+            if calibrators.needs_warm(pair, version):
+                since = calibrators.warm_since_ms(pair[1], origin_ms)
+                history = await self.writer.run(
+                    lambda store: calibration_history(store.con, pair[0], pair[1], version, since))
+                outcomes = await asyncio.to_thread(calibrators.install, pair, version, history)
+                calibrator = calibrators.get(pair)
+                log.info("calibration_warmed", symbol=pair[0], interval=pair[1], model_version=version,
+                         forecasts=history["origin_ms"].n_unique() if history.height else 0, outcomes=outcomes,
+                         history_per_step=None if calibrator is None else calibrator.history())
+            calibrators.observe(pair, candles["open_time"].to_numpy(), candles["close"].to_numpy())  # times in ms
+        except Exception:
+            self._calibration_failed(pair, "observe")
+
+    def _calibrate(self, pair: Pair, origin_ms: int, result: Forecast) -> CalibratedForecast | None:
+        if not self.calibrators.settings.enabled:
+            return None
+        try:
+            raw = RawForecast.from_paths(origin_ms, result.last_close, result.close_paths, LEVELS)
+            return self.calibrators.calibrate(pair, raw)
+        except Exception:
+            self._calibration_failed(pair, "calibrate")
+            return None
+
+    def _calibration_failed(self, pair: Pair, stage: str) -> None:
+        """Counted and logged; the pair's calibrator is dropped, so the next forecast warms a new one."""
+        self.calibrators.failures += 1
+        self.calibrators.drop(pair)
+        log.exception("calibration_failed", symbol=pair[0], interval=pair[1], stage=stage,
+                      failures=self.calibrators.failures)

@@ -107,6 +107,22 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             """,
         ],
     ),
+    (
+        3,
+        "forecasts: raw close p05/p95 and the calibrated close quantiles and P(up)",
+        [
+            # The existing columns stay the model's raw output, so every reader written before calibration
+            # keeps scoring what the model said. close_p05/close_p95 (raw) give the calibrator the 90 % band
+            # when it is warmed from the table; the *_cal columns hold what was published when the forecast was
+            # published calibrated (NULL: published raw, or written before this version).
+            "ALTER TABLE forecasts ADD COLUMN close_p05 DOUBLE",
+            "ALTER TABLE forecasts ADD COLUMN close_p95 DOUBLE",
+            "ALTER TABLE forecasts ADD COLUMN close_p10_cal DOUBLE",
+            "ALTER TABLE forecasts ADD COLUMN close_p50_cal DOUBLE",
+            "ALTER TABLE forecasts ADD COLUMN close_p90_cal DOUBLE",
+            "ALTER TABLE forecasts ADD COLUMN prob_up_cal DOUBLE",
+        ],
+    ),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -159,6 +159,63 @@ def test_service_lifecycle_forecasts_gaps_reload_broker_restart_and_clean_stop(t
     assert orphans == 0
 
 
+def test_forecasts_are_published_calibrated_with_raw_alongside_and_stay_calibrated_after_a_restart(
+        tmp_path, broker, simulator):
+    """The calibrator needs `min_history` outcomes per step (5 here, horizon 6): the first forecasts go out raw
+    and flagged, later ones calibrated with the raw values under `raw`; a restart warms it from the store."""
+    subscriber = Subscriber(broker.port)
+    config = daemon_config(tmp_path, simulator, broker.port,
+                           forecast={"lookback": 48, "horizon": 6, "sample_paths": 4,
+                                     "calibration": {"min_history": 5, "window": 40}})
+    snapshot = tmp_path / "state" / "kronos.duckdb"
+    daemon = Daemon(config)
+    try:
+        daemon.wait_event("daemon_ready", 60)
+        first = wait_for(lambda: subscriber.forecasts("BTCUSDT"), 60, what="a forecast")[0]
+        assert first["calibrated"] is False  # a fresh store: no outcomes yet
+        assert first["raw"]["p10"]["close"] == first["p10"]["close"] and first["raw"]["prob_up"] == first["prob_up"]
+        calibrated = wait_for(lambda: [f for f in subscriber.forecasts("BTCUSDT") if f["calibrated"]], 120,
+                              what="a calibrated forecast")
+        payload = calibrated[0]
+        assert set(payload["raw"]) == {"p10", "p50", "p90", "prob_up"}
+        for name in ("p10", "p50", "p90"):
+            assert len(payload[name]["close"]) == len(payload["raw"][name]["close"]) == 6
+        assert all(p10 <= p50 <= p90 for p10, p50, p90 in zip(payload["p10"]["close"], payload["p50"]["close"],
+                                                              payload["p90"]["close"], strict=True))
+        assert all(0 <= p <= 1 for p in payload["prob_up"])
+        assert payload["p10"]["close"] != payload["raw"]["p10"]["close"]  # the band was moved
+        assert "CQR" in payload["calibration"]["method"]
+        assert 0 <= payload["calibration"]["coverage_80"] <= 1 and 0 <= payload["calibration"]["coverage_90"] <= 1
+        assert payload["calibration"]["outcomes"] > 0
+        # the other columns are the model's own
+        assert len(payload["p10"]["open"]) == 6
+        assert daemon.stop() == 0
+    finally:
+        daemon.dump()
+        if daemon.process.poll() is None:
+            daemon.kill()
+    before = len(subscriber.forecasts("BTCUSDT"))
+    restarted = Daemon(config)
+    try:
+        warmed = restarted.wait_event("calibration_warmed", 60)[0]
+        assert warmed["outcomes"] > 0 and warmed["history_per_step"] >= 5
+        after = wait_for(lambda: subscriber.forecasts("BTCUSDT")[before:], 60, what="a forecast after the restart")
+        assert after[0]["calibrated"] is True  # warmed from its stored forecasts: no raw stretch again
+        assert restarted.stop() == 0
+    finally:
+        restarted.dump()
+        if restarted.process.poll() is None:
+            restarted.kill()
+        subscriber.close()
+    rows = snapshot_rows(snapshot, "SELECT count(*), count(close_p10_cal), count(close_p05), "
+                                   "count(*) FILTER (WHERE close_p10_cal <= close_p50_cal "
+                                   "AND close_p50_cal <= close_p90_cal AND prob_up_cal BETWEEN 0 AND 1) "
+                                   "FROM forecasts WHERE symbol = 'BTCUSDT'")[0]
+    total, calibrated_rows, with_p05, ordered = rows
+    assert with_p05 == total  # the raw p05/p95 the calibrator is warmed from
+    assert 0 < calibrated_rows < total and ordered == calibrated_rows
+
+
 def test_continual_finetune_promotes_a_better_challenger_rejects_a_broken_one_and_survives_kill_9(
         tmp_path, broker, simulator):
     subscriber = Subscriber(broker.port)
