@@ -7,6 +7,11 @@ close) on exactly the same steps: a model that does not beat "nothing changes" s
 
 The table keeps the p10/p50/p90 quantiles, not the sample paths, so the probabilistic score here is the
 mean pinball loss at those three levels (a coarse stand-in for CRPS) and the 80 % interval coverage.
+
+Raw and calibrated side by side: the table's p10/p50/p90/prob_up are the model's raw output; since schema 3
+the daemon also stores what it published calibrated (`*_cal`, NULL where it published raw). The `*_calibrated`
+scores and their `*_raw_same_steps` twins are computed on exactly the steps that have calibrated values, so
+the two can be compared directly; NaN (None in JSON) where no step was published calibrated.
 """
 
 from __future__ import annotations
@@ -66,6 +71,13 @@ class LedgerScore:
     brier_prob_up: float  # mean (prob_up - [close > last close])^2; 0.25 is a coin flip
     mean_prob_up: float
     realised_up_rate: float
+    calibrated_steps: int = 0  # realised steps that were published calibrated
+    coverage_80_calibrated: float = math.nan  # published (calibrated) [p10, p90] on those steps
+    coverage_80_raw_same_steps: float = math.nan  # the raw [p10, p90] on the same steps
+    brier_prob_up_calibrated: float = math.nan
+    brier_prob_up_raw_same_steps: float = math.nan
+    quantile_loss_calibrated: float = math.nan
+    quantile_loss_raw_same_steps: float = math.nan
 
     @property
     def beats_random_walk(self) -> bool:
@@ -87,6 +99,27 @@ def _iso(ms: int | None) -> str | None:
 def _per_origin_mean(origin: np.ndarray, values: np.ndarray) -> np.ndarray:
     _, inverse = np.unique(origin, return_inverse=True)
     return np.bincount(inverse, weights=values) / np.bincount(inverse)
+
+
+def _calibrated_scores(realised: pl.DataFrame) -> dict[str, Any]:
+    """Raw and calibrated scores on the realised steps that were published calibrated (see the module doc)."""
+    if "close_p10_cal" not in realised.columns:
+        return {}
+    rows = realised.filter(pl.all_horizontal(pl.col(c).is_not_null() for c in
+                                             ("close_p10_cal", "close_p50_cal", "close_p90_cal", "prob_up_cal")))
+    if rows.is_empty():
+        return {}
+    actual = rows["actual"].to_numpy()
+    up = (actual > rows["last_close"].to_numpy()).astype(np.float64)
+    scores: dict[str, Any] = {"calibrated_steps": rows.height}
+    for side, suffix in (("calibrated", "_cal"), ("raw_same_steps", "")):
+        quantiles = {level: rows[f"close_{name}{suffix}"].to_numpy() for level, name in STORED_QUANTILES.items()}
+        inside = (actual >= quantiles[0.1]) & (actual <= quantiles[0.9])
+        pinball = np.mean([metrics.pinball_loss(quantiles[q], actual, q) for q in STORED_QUANTILES], axis=0)
+        scores[f"coverage_80_{side}"] = float(inside.mean())
+        scores[f"brier_prob_up_{side}"] = float(((rows[f"prob_up{suffix}"].to_numpy() - up) ** 2).mean())
+        scores[f"quantile_loss_{side}"] = float(pinball.mean())
+    return scores
 
 
 def _score_group(key: tuple[str, str, str], rows: pl.DataFrame, window: str) -> LedgerScore | None:
@@ -129,7 +162,7 @@ def _score_group(key: tuple[str, str, str], rows: pl.DataFrame, window: str) -> 
         width_80_pct_of_price=float(((quantiles[0.9] - quantiles[0.1]) / last).mean() * 100),
         direction_accuracy=float(share), direction_ci=interval_ci, direction_calls=calls,
         brier_prob_up=float(((probability - up) ** 2).mean()), mean_prob_up=float(probability.mean()),
-        realised_up_rate=float(up.mean()),
+        realised_up_rate=float(up.mean()), **_calibrated_scores(realised),
     )
 
 
@@ -201,4 +234,12 @@ def format_table(scores: list[LedgerScore]) -> str:
             f"{s.pending_steps:>7} {s.mae:>10.4g} {s.relative_mae:>7.3f} {s.dm_pvalue_mae:>7.3f} {ql_ratio:>6.3f} "
             f"{s.coverage_80:>6.1%} {s.direction_accuracy:>6.1%} {s.brier_prob_up:>6.3f}"
         )
+        if s.calibrated_steps:
+            # the steps published calibrated, raw on the left of each pair: "cov80 raw -> calibrated"
+            lines.append(
+                f"{'':<10} {'':<4} {'  calibrated':<{width}} {'':<6} {s.calibrated_steps:>7} {'steps':>7} "
+                f"cov80 {s.coverage_80_raw_same_steps:.1%} -> {s.coverage_80_calibrated:.1%}, "
+                f"brier {s.brier_prob_up_raw_same_steps:.3f} -> {s.brier_prob_up_calibrated:.3f}, "
+                f"QL {s.quantile_loss_raw_same_steps:.4g} -> {s.quantile_loss_calibrated:.4g}"
+            )
     return "\n".join(lines)

@@ -86,3 +86,43 @@ def test_ledger_command(store):
     assert table.returncode == 0 and "MAE/RW" in table.stdout and "7d" in table.stdout
     bad = kronosd("ledger", "--db", str(store), "--window", "soon")
     assert bad.returncode == 2 and "duration" in bad.stderr
+
+
+def test_raw_and_calibrated_side_by_side_on_the_steps_published_calibrated(store, tmp_path):
+    """The newer half of tiny-v1's origins 'published calibrated' with a band 20 % of price wider and P(up) a
+    coin flip: the ledger scores both on exactly those steps, and the rest of the row stays the raw scores."""
+    import shutil
+
+    copy = tmp_path / "calibrated.duckdb"
+    shutil.copy(store, copy)
+    con = duckdb.connect(str(copy))
+    try:
+        cut = con.execute("SELECT quantile_disc(origin_time, 0.5) FROM forecasts WHERE model_version = 'tiny-v1'"
+                          ).fetchall()[0][0]
+        con.execute("UPDATE forecasts SET close_p10_cal = close_p10 - 0.1 * last_close, close_p50_cal = close_p50, "
+                    "close_p90_cal = close_p90 + 0.1 * last_close, prob_up_cal = 0.5 "
+                    "WHERE model_version = 'tiny-v1' AND origin_time >= ?", [cut])
+        rows = con.execute(
+            "SELECT f.close_p10, f.close_p90, f.close_p10_cal, f.close_p90_cal, f.prob_up, f.last_close, c.close "
+            "FROM forecasts f JOIN candles c ON c.symbol = f.symbol AND c.interval = f.interval "
+            "AND c.open_time = f.target_time WHERE f.model_version = 'tiny-v1' AND f.close_p10_cal IS NOT NULL"
+        ).fetchall()
+        p10, p90, p10_cal, p90_cal, prob, last, actual = map(np.array, zip(*rows, strict=True))
+        scores = {s.model_version: s for s in score_ledger(con)}
+    finally:
+        con.close()
+    v1, v2 = scores["tiny-v1"], scores["tiny-v2"]
+    up = (actual > last).astype(float)
+    assert v1.calibrated_steps == len(rows) > 0
+    assert v1.coverage_80_raw_same_steps == pytest.approx(((actual >= p10) & (actual <= p90)).mean())
+    assert v1.coverage_80_calibrated == pytest.approx(((actual >= p10_cal) & (actual <= p90_cal)).mean())
+    assert v1.coverage_80_calibrated >= v1.coverage_80_raw_same_steps  # a wider band covers at least as much
+    assert v1.brier_prob_up_raw_same_steps == pytest.approx(((prob - up) ** 2).mean())
+    assert v1.brier_prob_up_calibrated == pytest.approx(0.25)  # a coin flip scores 0.25 whatever happened
+    assert v1.scored_steps > v1.calibrated_steps  # the raw scores still cover every realised step
+    assert v2.calibrated_steps == 0 and math.isnan(v2.coverage_80_calibrated)
+    assert v2.to_dict()["brier_prob_up_calibrated"] is None
+    table = format_table([v1, v2]).splitlines()
+    side = [line for line in table if "calibrated" in line]
+    assert len(side) == 1 and f"{v1.calibrated_steps:>7}" in side[0]
+    assert f"{v1.coverage_80_calibrated:.1%}" in side[0] and "0.250" in side[0]
