@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,7 @@ ON CONFLICT (symbol, interval, open_time) DO UPDATE SET
     trades = excluded.trades, source = excluded.source, ingested_at = excluded.ingested_at
 WHERE ({_CHANGED_ANY})
   AND NOT (excluded.source IN ({_PROVISIONAL}) AND candles.source NOT IN ({_PROVISIONAL}))
+RETURNING symbol, interval
 """
 
 
@@ -68,6 +70,8 @@ class UpsertResult:
     batch_id: int
     rows_in: int
     rows_changed: int
+    # (symbol, interval) -> rows of that pair the transaction stored or changed
+    changed_by_pair: dict[tuple[str, str], int] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -220,8 +224,10 @@ class CandleStore:
         self.con.register("staged_candles", staged)
         self.con.execute("BEGIN TRANSACTION")
         try:
-            changed = self.con.execute(_UPSERT_SQL).fetchall()[0][0] if staged.height else 0
-            self.con.execute("INSERT INTO ingest_batches VALUES (?, now(), ?, ?)", [batch_id, rows_in, int(changed)])
+            changed_rows = self.con.execute(_UPSERT_SQL).fetchall() if staged.height else []
+            by_pair = dict(Counter((symbol, interval) for symbol, interval in changed_rows))
+            changed = len(changed_rows)
+            self.con.execute("INSERT INTO ingest_batches VALUES (?, now(), ?, ?)", [batch_id, rows_in, changed])
             self.con.execute("COMMIT")
         except Exception:
             self.con.execute("ROLLBACK")
@@ -230,7 +236,7 @@ class CandleStore:
             self.con.unregister("staged_candles")
         self._next_batch_id += 1
         append_line_synced(self.journal_path, json.dumps({"batch": batch_id, "windows": [list(w) for w in windows]}))
-        return UpsertResult(batch_id, rows_in, int(changed))
+        return UpsertResult(batch_id, rows_in, changed, by_pair)
 
     def record_gap(
         self,

@@ -182,11 +182,13 @@ class StoreWriter:
             return
         if result.rows_changed:
             self._dirty_since_publish = True
-        # Merged submissions share one transaction; its change count is reported once (on the
-        # first), so callers that add up their results get the true total.
-        for position, (_, frame, future) in enumerate(pending):
-            changed = result.rows_changed if position == 0 else 0
-            _resolve(future, UpsertResult(result.batch_id, frame.height, changed))
+        # Merged submissions share one transaction: each pair's changes are reported to the first submission
+        # that carried that pair, so callers that add up their results (per pair or in all) get the true total.
+        unclaimed = dict(result.changed_by_pair)
+        for _, frame, future in pending:
+            pairs = frame.select("symbol", "interval").unique().rows() if frame.height else []
+            mine = {pair: unclaimed.pop(pair) for pair in map(tuple, pairs) if pair in unclaimed}
+            _resolve(future, UpsertResult(result.batch_id, frame.height, sum(mine.values()), mine))
 
     def _publish_quietly(self, store: CandleStore, *, final: bool) -> None:
         # A failed publish (disk full, …) must not stop ingestion; users keep the previous snapshot.

@@ -346,3 +346,30 @@ def test_simulate_serves_a_store_with_faults_and_backfill_rides_them_out(tmp_pat
     query = "SELECT open_time, open, high, low, close, volume, quote_volume, trades FROM candles ORDER BY 1"
     window = " WHERE open_time >= TIMESTAMPTZ '2024-08-01 00:00+00' AND open_time < TIMESTAMPTZ '2024-09-01 00:00+00'"
     assert table(db, query) == table(source, query.replace(" ORDER BY", window + " ORDER BY"))
+
+
+def test_many_pairs_in_one_call_backfill_stats_export_and_import_back(tmp_path, simulator):
+    state = tmp_path / "state"
+    config = tmp_path / "config.yaml"
+    config.write_text("markets:\n  symbols: [BTCUSDT, ETHUSDT]\n  intervals: [1h]\n")
+    common = ["--config", str(config), "--state-dir", str(state)]
+    backfilled = json.loads(kronosd("backfill", "--all-pairs", "--start", "2024-08-01", "--end", "2024-08-29", "--json",
+                                    "--rest-url", simulator["rest_url"], *common, cwd=tmp_path).stdout)
+    assert [(r["symbol"], r["interval"]) for r in backfilled] == [("BTCUSDT", "1h"), ("ETHUSDT", "1h")]
+    # 28 days of candles per pair, both fetched in one run (the bundled ETHUSDT ends in 2024-09)
+    assert [r["rows_changed"] for r in backfilled] == [28 * 24, 28 * 24]
+    assert all(r["peak_weight_share"] <= 0.5 for r in backfilled)
+    stats = json.loads(kronosd("stats", "--symbol", "btcusdt,ETHUSDT", "--interval", "1h", "--json", *common,
+                               cwd=tmp_path).stdout)
+    assert [(s["symbol"], s["interval"], s["rows"]) for s in stats] == [("BTCUSDT", "1h", 672), ("ETHUSDT", "1h", 672)]
+    out = tmp_path / "exported"
+    kronosd("export", "--all-pairs", "--out", str(out), *common, cwd=tmp_path)
+    files = sorted(path.name for path in out.iterdir())
+    assert files == ["BTCUSDT-1h.csv", "ETHUSDT-1h.csv"]
+    copy = tmp_path / "copy"
+    imported = kronosd("import", *(str(out / name) for name in files), "--state-dir", str(copy), cwd=tmp_path)
+    assert imported.stdout.count("672 of 672 candles new or changed") == 2
+    assert table(copy / "kronos.duckdb", "SELECT symbol, interval, count(*) FROM candles GROUP BY ALL ORDER BY ALL") \
+        == [("BTCUSDT", "1h", 672), ("ETHUSDT", "1h", 672)]
+    to_one_file = kronosd("export", "--all-pairs", "--out", "-", *common, cwd=tmp_path, check=False)
+    assert to_one_file.returncode == 2 and "must be a directory" in to_one_file.stderr

@@ -9,7 +9,7 @@ import sys
 
 from tqdm import tqdm
 
-from daemon.commands.market_common import add_common_options, add_pair_options, resolve
+from daemon.commands.market_common import add_common_options, add_pair_options, pairs_from_args, resolve
 from daemon.market.archive import ArchiveClient
 from daemon.market.backfill import SOURCES, backfill
 from daemon.market.rest import BinanceRestClient, IpBannedError, RequestFailedError, RestSettings
@@ -18,6 +18,8 @@ from storage.intervals import parse_time
 from storage.writer import StoreWriter
 
 EXIT_BANNED = 3
+# Pairs backfilled at the same time; more only queue behind the shared weight budget.
+CONCURRENT_PAIRS = 4
 EXIT_UNREACHABLE = 4
 
 
@@ -43,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config, snapshot = resolve(args)
+    pairs = pairs_from_args(args, config)
     exchange = config.exchange
     if args.days is not None and args.days <= 0:
         raise ValueError("--days must be positive")
@@ -57,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
     archive_url = args.archive_url or exchange.archive_url
     try:
         with open_writer(config, snapshot) as writer:
-            report = asyncio.run(
-                _run(writer, settings, archive_url, args, start_ms, end_ms, exchange.archive_min_candles)
+            reports = asyncio.run(
+                _run(writer, settings, archive_url, args, pairs, start_ms, end_ms, exchange.archive_min_candles)
             )
     except IpBannedError as exc:
         print(f"kronosd backfill: {exc}", file=sys.stderr)
@@ -67,9 +70,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"kronosd backfill: exchange unreachable: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     if args.json:
-        print(json.dumps(report))
+        # One pair: its report, as always; several: a list of them.
+        print(json.dumps(reports[0] if len(reports) == 1 else reports))
     else:
-        print(report["summary"])
+        for report in reports:
+            print(report["summary"])
     return 0
 
 
@@ -78,48 +83,51 @@ async def _run(
     settings: RestSettings,
     archive_url: str,
     args: argparse.Namespace,
+    pairs: list[tuple[str, str]],
     start_ms: int | None,
     end_ms: int | None,
     archive_min_candles: int,
-) -> dict:
-    bar = tqdm(total=0, unit="candle", desc=f"{args.symbol} {args.interval}", disable=None, file=sys.stderr)
-
-    def planned(total: int) -> None:
-        bar.total = total
-        bar.refresh()
-
+) -> list[dict]:
+    """Every pair at once, a few at a time: they share one REST client, so together they stay inside the
+    weight budget, and the writer merges their pages into shared transactions."""
     async with BinanceRestClient(settings) as rest, ArchiveClient(archive_url) as archive:
         if start_ms is None:
             await rest.sync_time()
             start_ms = rest.server_now_ms() - int(args.days * 86_400_000)
-        try:
-            report = await backfill(
-                writer,
-                rest,
-                args.symbol,
-                args.interval,
-                start_ms,
-                end_ms,
-                archive=archive if args.source != "rest" else None,
-                source=args.source,
-                on_rows=bar.update,
-                on_plan=planned,
-                archive_min_candles=archive_min_candles,
-            )
-        finally:
-            bar.close()
-        return {
-            "symbol": report.symbol,
-            "interval": report.interval,
-            "start": report.start_ms,
-            "end": report.end_ms,
-            "holes": len(report.holes),
-            "rows_received": report.rows_received,
-            "rows_changed": report.rows_changed,
-            "archive_files": report.archive_files,
-            "confirmed_empty": report.confirmed_empty,
-            "requests": rest.stats.requests,
-            "rate_limited": rest.stats.rate_limited,
-            "peak_weight_share": round(rest.stats.peak_share, 4),
-            "summary": report.summary(),
-        }
+        gate = asyncio.Semaphore(CONCURRENT_PAIRS)
+
+        async def one(position: int, symbol: str, interval: str) -> dict:
+            async with gate:
+                bar = tqdm(total=0, unit="candle", desc=f"{symbol} {interval}", disable=None, file=sys.stderr,
+                           position=position % CONCURRENT_PAIRS, leave=len(pairs) == 1)
+
+                def planned(total: int) -> None:
+                    bar.total = total
+                    bar.refresh()
+
+                try:
+                    report = await backfill(writer, rest, symbol, interval, start_ms, end_ms,
+                                            archive=archive if args.source != "rest" else None, source=args.source,
+                                            on_rows=bar.update, on_plan=planned,
+                                            archive_min_candles=archive_min_candles)
+                finally:
+                    bar.close()
+                return {
+                    "symbol": report.symbol,
+                    "interval": report.interval,
+                    "start": report.start_ms,
+                    "end": report.end_ms,
+                    "holes": len(report.holes),
+                    "rows_received": report.rows_received,
+                    "rows_changed": report.rows_changed,
+                    "archive_files": report.archive_files,
+                    "confirmed_empty": report.confirmed_empty,
+                    "summary": report.summary(),
+                }
+
+        reports = await asyncio.gather(*(one(k, *pair) for k, pair in enumerate(pairs)))
+        # The client's totals, shared by every pair of this run.
+        for report in reports:
+            report.update(requests=rest.stats.requests, rate_limited=rest.stats.rate_limited,
+                          peak_weight_share=round(rest.stats.peak_share, 4))
+        return list(reports)

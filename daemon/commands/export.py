@@ -5,11 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from daemon.commands.market_common import add_common_options, add_pair_options, open_snapshot, resolve
+import polars as pl
+
+from daemon.commands.market_common import (
+    add_common_options,
+    add_pair_options,
+    open_snapshot,
+    pairs_from_args,
+    resolve,
+)
 from daemon.commands.output import describe, open_output
 from daemon.market.kline_files import KLINE_FILE_COLUMNS
-from storage.intervals import interval_ms, parse_time
+from storage.intervals import parse_time
 from storage.store import read_candles
 
 
@@ -25,31 +34,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--start", help="first open time (UTC), inclusive")
     parser.add_argument("--end", help="last open time (UTC), exclusive")
     parser.add_argument("--out", required=True, metavar="FILE|-",
-                        help="output file (a regular file is replaced atomically); - writes to stdout")
+                        help="output file (a regular file is replaced atomically); - writes to stdout; with several "
+                        "pairs a directory, one SYMBOL-INTERVAL file each")
     add_common_options(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    _, snapshot = resolve(args)
-    interval_ms(args.interval)
+    config, snapshot = resolve(args)
+    pairs = pairs_from_args(args, config)
     start = parse_time(args.start) if args.start else None
     end = parse_time(args.end) if args.end else None
+    if len(pairs) > 1 and (args.out == "-" or Path(args.out).is_file()):
+        raise ValueError(f"{len(pairs)} pairs go to one file each: --out must be a directory")
     con = open_snapshot(snapshot)
     try:
-        frame = read_candles(con, args.symbol, args.interval, start, end)
+        frames = {pair: read_candles(con, *pair, start, end) for pair in pairs}
     finally:
         con.close()
-    if frame.is_empty():
-        raise ValueError(f"no {args.symbol} {args.interval} candles stored in that window ({snapshot})")
-    frame = frame.select(KLINE_FILE_COLUMNS)
-    with open_output(args.out) as stream:
-        if args.format == "csv":
+    empty = [f"{symbol} {interval}" for (symbol, interval), frame in frames.items() if frame.is_empty()]
+    if empty:
+        raise ValueError(f"no {', '.join(empty)} candles stored in that window ({snapshot})")
+    for (symbol, interval), frame in frames.items():
+        # Several pairs: DIR/SYMBOL-INTERVAL.<format>, a name `kronosd import` reads the pair from.
+        out = args.out if len(pairs) == 1 else str(Path(args.out) / f"{symbol}-{interval}.{args.format}")
+        _write(frame.select(KLINE_FILE_COLUMNS), args.format, out)
+    return 0
+
+
+def _write(frame: pl.DataFrame, file_format: str, out: str) -> None:
+    with open_output(out) as stream:
+        if file_format == "csv":
             frame.write_csv(stream)
-        elif args.format == "parquet":
+        elif file_format == "parquet":
             frame.write_parquet(stream)
         else:
             stream.write(json.dumps(frame.to_dicts()).encode())
     # The summary goes to stderr when the data itself goes to stdout.
-    print(f"wrote {frame.height} candles to {describe(args.out)}", file=sys.stderr if args.out == "-" else sys.stdout)
-    return 0
+    print(f"wrote {frame.height} candles to {describe(out)}", file=sys.stderr if out == "-" else sys.stdout)

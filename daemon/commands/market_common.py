@@ -10,6 +10,7 @@ import duckdb
 
 from daemon.config import KronosConfig, load_config
 from daemon.logs import configure_service_logging
+from storage.intervals import interval_ms
 from storage.snapshot import open_read_only
 
 BUNDLED_DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "data"
@@ -36,9 +37,33 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress events (JSON on stderr)")
 
 
-def add_pair_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    parser.add_argument("--symbol", required=required, type=str.upper, help="e.g. BTCUSDT")
-    parser.add_argument("--interval", required=required, help="Binance interval, e.g. 1m, 1h, 1d")
+def _listed(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_pair_options(parser: argparse.ArgumentParser) -> None:
+    """--symbol/--interval (several: repeat them or separate with commas; every symbol × every interval), or
+    --all-pairs for the configured markets."""
+    parser.add_argument("--symbol", action="extend", type=lambda text: [s.upper() for s in _listed(text)],
+                        metavar="SYMBOL[,SYMBOL…]", help="e.g. BTCUSDT or BTCUSDT,ETHUSDT")
+    parser.add_argument("--interval", action="extend", type=_listed, metavar="INTERVAL[,INTERVAL…]",
+                        help="Binance interval, e.g. 1m, 1h, 1d (several: 1h,4h)")
+    parser.add_argument("--all-pairs", action="store_true",
+                        help="every pair of the config's markets (symbols × intervals), as the daemon ingests them")
+
+
+def pairs_from_args(args: argparse.Namespace, config: KronosConfig) -> list[tuple[str, str]]:
+    """The (symbol, interval) pairs a data command works on, each interval checked."""
+    if args.all_pairs:
+        if args.symbol or args.interval:
+            raise ValueError("--all-pairs takes the pairs from the config; drop --symbol/--interval")
+        return list(config.markets.pairs)
+    if not args.symbol or not args.interval:
+        raise ValueError("name the pairs: --symbol S[,S…] --interval I[,I…], or --all-pairs")
+    pairs = list(dict.fromkeys((symbol, interval) for symbol in args.symbol for interval in args.interval))
+    for _, interval in pairs:
+        interval_ms(interval)
+    return pairs
 
 
 def resolve(args: argparse.Namespace) -> tuple[KronosConfig, Path]:

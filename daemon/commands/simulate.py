@@ -16,7 +16,11 @@ from daemon.commands.market_common import BUNDLED_DATA_DIR, configure_logging
 from daemon.simulator.data import CandleBook, SimClock
 from daemon.simulator.hostile import HostileProfile
 from daemon.simulator.server import ExchangeSimulator
-from storage.intervals import format_ms, parse_time
+from daemon.simulator.synthetic import add_synthetic_pairs
+from storage.intervals import format_ms, interval_ms, parse_time
+
+# Market time the synthetic pairs' live part starts at (any grid time works; a fixed one keeps runs alike).
+SYNTHETIC_START = "2026-01-01T00:00"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,13 +58,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the hostile profile")
     parser.add_argument("--hostile-rate", type=float, default=0.5,
                         help="share of closing events followed by garbage (REST: half of it) in the hostile profile")
+    parser.add_argument("--pairs", type=int, metavar="N",
+                        help="serve N synthetic pairs SYN000USDT… instead: runs of the bundled real candles re-timed "
+                        "onto --pairs-interval, each at its own price level (for scale tests)")
+    parser.add_argument("--pairs-interval", default="1m", help="interval of the synthetic pairs (default 1m)")
+    parser.add_argument("--pairs-history", type=int, default=2000, metavar="CANDLES",
+                        help="synthetic candles before --start, for backfills (default 2000)")
+    parser.add_argument("--pairs-future", type=int, default=1440, metavar="CANDLES",
+                        help="synthetic candles from --start on, streamed live (default 1440)")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.set_defaults(handler=run)
 
 
 def build_book(args: argparse.Namespace) -> CandleBook:
     book = CandleBook()
-    paths = args.data or ([] if args.store else sorted(BUNDLED_DATA_DIR.glob("*.parquet")))
+    if args.pairs is not None:
+        bundled = CandleBook()
+        for path in sorted(BUNDLED_DATA_DIR.glob("*.parquet")):
+            bundled.add_file(path)
+        start = parse_time(args.start) if args.start else parse_time(SYNTHETIC_START)
+        interval_ms(args.pairs_interval)
+        add_synthetic_pairs(book, list(bundled), args.pairs, args.pairs_interval, start, args.pairs_history,
+                            args.pairs_future, seed=args.seed)
+    paths = args.data or ([] if args.store or args.pairs is not None else sorted(BUNDLED_DATA_DIR.glob("*.parquet")))
     for path in paths:
         book.add_file(path)
     if args.store:
@@ -80,7 +100,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--hostile-rate must be between 0 and 1")
     book = build_book(args)
     last_candle = max(int(series.open_times[-1]) for series in book)
-    start = parse_time(args.start) if args.start else last_candle - 30 * 86_400_000
+    if args.start:
+        start = parse_time(args.start)
+    elif args.pairs is not None:
+        start = parse_time(SYNTHETIC_START)
+    else:
+        start = last_candle - 30 * 86_400_000
     simulator = ExchangeSimulator(
         book,
         SimClock(start, args.speed),
