@@ -1,10 +1,14 @@
-"""Fine-tuning throughput: windows/s and peak memory per stage, for the demo config and Kronos-small shape.
+"""Fine-tuning throughput: the trainer against a bare fp32 step of the same modules, per stage and shape.
 
-Each case runs the real trainer (`python -m kronos_model.finetune`) in its own process for a fixed number of
-steps on the bundled BTCUSDT data and reads windows/s from its train_log.jsonl; peak memory is the child's
-max RSS (CPU) or torch's peak allocation (CUDA). Prints one table.
+Each case runs the real trainer (`python -m kronos_model.finetune`, its defaults: bf16 autocast where the
+hardware computes it natively) in its own process for a fixed number of steps on the bundled BTCUSDT data and
+reads windows/s from its train_log.jsonl; peak memory is the child's max RSS. Next to it, in this process, a
+bare step of the same modules on a batch of the same shape — fp32 forward, backward, AdamW step, the
+original Kronos training math with no trainer around it — and the ratio of the two. Last, the demo case is
+trained twice, with and without bf16, and the largest relative difference of their logged losses printed
+(equal loss curves).
 
-    python benchmarks/train_throughput.py [--device cuda] [--bf16] [--steps 12]
+    python benchmarks/train_throughput.py [--device cuda] [--steps 12] [--no-bf16]
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ CASES = {
 }
 
 
-def run_case(config: Path, changes: dict, stage: str, steps: int, device: str, bf16: bool) -> tuple[float, float]:
+def run_case(config: Path, changes: dict, stage: str, steps: int, device: str,
+             bf16: bool) -> tuple[float, float, list[float]]:
     values = yaml.safe_load(config.read_text())
     batch = changes.get("batch_size", values.get("batch_size", 32))
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,25 +71,80 @@ def run_case(config: Path, changes: dict, stage: str, steps: int, device: str, b
             raise RuntimeError(f"{stage} run failed: {child.stderr.read()[-2000:]}")
         records = [json.loads(line) for line in (Path(tmp) / "train_log.jsonl").read_text().splitlines()]
         rates = [r["windows_per_s"] for r in records if "windows_per_s" in r]
+        losses = [r["loss"] for r in records if r.get("loss") is not None and r.get("stage") == stage]
         # the first steps include warm-up; report the rate over the whole epoch, as logged at its end
-        return rates[-1], usage.ru_maxrss / 1024
+        return rates[-1], usage.ru_maxrss / 1024, losses
+
+
+def bare_step_rate(config: Path, changes: dict, stage: str, steps: int, device: str) -> float:
+    """Windows/s of a bare fp32 training step of the case's modules on a batch of its shape."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from kronos_model import Kronos, KronosTokenizer
+    from kronos_model.finetune.config import TINY_PREDICTOR, TINY_TOKENIZER
+
+    values = {**yaml.safe_load(config.read_text()), **changes}
+    batch = values.get("batch_size", 32)
+    window = values["lookback_window"] + values["predict_window"] + 1
+    torch.manual_seed(0)
+    tokenizer = KronosTokenizer(**values.get("scratch_tokenizer", TINY_TOKENIZER)).to(device)
+    model = Kronos(**values.get("scratch_predictor", TINY_PREDICTOR)).to(device)
+    x = torch.randn(batch, window, 6, device=device).clamp(-5, 5)
+    stamp = torch.stack([torch.randint(0, n, (batch, window)) for n in (60, 24, 7, 32, 13)], -1).float().to(device)
+    module = tokenizer if stage == "tokenizer" else model
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5)
+    def step() -> None:
+        if stage == "tokenizer":
+            (z_pre, z_full), bsq_loss, _, _ = tokenizer(x)
+            loss = (F.mse_loss(z_pre, x) + F.mse_loss(z_full, x) + bsq_loss) / 2
+        else:
+            with torch.no_grad():  # the targets: the frozen tokenizer's codes of this batch, as every step
+                s1, s2 = tokenizer.encode(x, half=True)
+            s1_logits, s2_logits = model(s1[:, :-1], s2[:, :-1], stamp[:, :-1], use_teacher_forcing=False,
+                                         s1_targets=s1[:, 1:])
+            loss, _, _ = model.head.compute_loss(s1_logits, s2_logits, s1[:, 1:], s2[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    began = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - began)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="the trainer in fp32 too")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per case and stage")
     args = parser.parse_args()
     import torch
 
-    print(f"device {args.device}, bf16 {args.bf16}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.steps} steps per stage")
-    print(f"{'case':34} {'stage':10} {'windows/s':>10} {'peak RSS MB':>12}")
+    from kronos_model.finetune.trainer import cpu_computes_bf16
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    print(f"device {args.device}, trainer bf16 {args.bf16} (CPU bf16 instructions: {cpu_computes_bf16()}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps per stage")
+    print(f"{'case':34} {'stage':10} {'trainer w/s':>11} {'trainer fp32':>12} {'bare fp32 w/s':>13} {'ratio':>6} "
+          f"{'peak RSS MB':>12}")
     for name, case in CASES.items():
         for stage in ("tokenizer", "predictor"):
-            rate, peak = run_case(case["config"], case["changes"], stage, args.steps, args.device, args.bf16)
-            print(f"{name:34} {stage:10} {rate:10.1f} {peak:12.0f}")
+            rate, peak, _ = run_case(case["config"], case["changes"], stage, args.steps, args.device, args.bf16)
+            fp32, _, _ = run_case(case["config"], case["changes"], stage, args.steps, args.device, False)
+            bare = bare_step_rate(case["config"], case["changes"], stage, max(3, args.steps // 3), args.device)
+            print(f"{name:34} {stage:10} {rate:11.1f} {fp32:12.1f} {bare:13.1f} {rate / bare:6.2f} {peak:12.0f}")
+    demo = CASES["demo (tiny, window 109)"]
+    for stage in ("tokenizer", "predictor"):
+        *_, mixed = run_case(demo["config"], demo["changes"], stage, args.steps, args.device, True)
+        *_, full = run_case(demo["config"], demo["changes"], stage, args.steps, args.device, False)
+        worst = max(abs(a - b) / abs(b) for a, b in zip(mixed, full, strict=False))
+        print(f"demo {stage} loss curve, bf16 vs fp32 over {len(full)} logged steps: largest relative "
+              f"difference {worst:.2%} (first {full[0]:.4f} / {mixed[0]:.4f}, last {full[-1]:.4f} / {mixed[-1]:.4f})")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ SIGINT/SIGTERM stop at the next step boundary after saving `last/`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -107,6 +108,16 @@ def parameter_digest(module: torch.nn.Module) -> str:
 
 
 # -- the trainer ------------------------------------------------------------------------------------------------
+
+@functools.cache
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), read from the kernel's CPU flags."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
 
 class Trainer:
     def __init__(self, config: FinetuneConfig, frame: pl.DataFrame | None = None):
@@ -250,8 +261,13 @@ class Trainer:
                                            generator=torch.Generator().manual_seed(0))
 
     def _autocast(self):
+        # Matmuls in bf16, weights, optimizer state and the loss in fp32 (autocast's split): on CUDA, and on a
+        # CPU whose instructions compute bf16 natively, where a step costs about half (benchmarks/
+        # train_throughput.py); elsewhere bf16 would be emulated and slower, so fp32.
         if self.config.bf16 and self.device.startswith("cuda"):
             return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.config.bf16 and self.device == "cpu" and cpu_computes_bf16():
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _loss(self, stage: str, trainable, x: torch.Tensor, stamp: torch.Tensor, train: bool):
@@ -263,7 +279,9 @@ class Trainer:
                 return recon_all, {}
             loss = (recon_pre + recon_all + bsq_loss.float()) / 2
             return loss, {"recon_pre": recon_pre.item(), "recon_all": recon_all.item(), "bsq": bsq_loss.item()}
-        with torch.no_grad():
+        # The targets are the frozen tokenizer's codes: computed in fp32 even under autocast, so mixed precision
+        # never changes what the predictor is taught.
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             s1, s2 = self.tokenizer.encode(x, half=True)
         teacher = self.config.teacher_forcing or not train
         s1_logits, s2_logits = trainable(s1[:, :-1], s2[:, :-1], stamp[:, :-1], use_teacher_forcing=teacher,
