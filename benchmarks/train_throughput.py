@@ -1,12 +1,12 @@
 """Fine-tuning throughput: the trainer against a bare fp32 step of the same modules, per stage and shape.
 
-Each case runs the real trainer (`python -m kronos_model.finetune`, its defaults: bf16 autocast where the
-hardware computes it natively) in its own process for a fixed number of steps on the bundled BTCUSDT data and
-reads windows/s from its train_log.jsonl; peak memory is the child's max RSS. Next to it, in this process, a
-bare step of the same modules on a batch of the same shape — fp32 forward, backward, AdamW step, the
-original Kronos training math with no trainer around it — and the ratio of the two. Last, the demo case is
-trained twice, with and without bf16, and the largest relative difference of their logged losses printed
-(equal loss curves).
+Each case runs the real trainer (`python -m kronos_model.finetune`, its defaults) in its own process for a
+fixed number of steps on the bundled BTCUSDT data and reads windows/s from its train_log.jsonl; peak memory is
+the child's max RSS. Next to it: the trainer with bf16 off, and, in this process, a bare step of the same
+modules on a batch of the same shape (fp32 forward, backward, AdamW step: the original Kronos training math
+with no trainer around it) and the ratio trainer / bare. Last, the demo case is trained twice, with and
+without bf16, and the largest relative difference of their logged losses printed (equal loss curves). The
+trainer uses bf16 on CUDA only; on a CPU both of those runs are fp32.
 
     python benchmarks/train_throughput.py [--device cuda] [--steps 12] [--no-bf16]
 """
@@ -125,10 +125,8 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from kronos_model.finetune.trainer import cpu_computes_bf16
-
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    print(f"device {args.device}, trainer bf16 {args.bf16} (CPU bf16 instructions: {cpu_computes_bf16()}), "
+    print(f"device {args.device}, trainer bf16 {args.bf16}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps per stage")
     print(f"{'case':34} {'stage':10} {'trainer w/s':>11} {'trainer fp32':>12} {'bare fp32 w/s':>13} {'ratio':>6} "
           f"{'peak RSS MB':>12}")

@@ -69,8 +69,7 @@ class FinetuneConfig(BaseModel):
     min_delta: float = Field(0.0, ge=0)
     seed: int = 42
     device: str = "auto"
-    bf16: bool = Field(True, description="bf16 autocast where the hardware computes it natively: CUDA, or a CPU with "
-                       "AVX512-BF16/AMX (fp32 elsewhere)")
+    bf16: bool = Field(True, description="bf16 autocast on CUDA (the CPU trains in fp32: see the trainer)")
     num_workers: int = Field(0, ge=0)
 
     # output and monitoring
