@@ -150,6 +150,7 @@ class ForecastService:
         self.newest_origin: dict[Pair, int] = {}  # the newest origin forecast (or being forecast) per pair
         self.skipped_stale = 0
         self._wake = asyncio.Event()
+        self._scores_due = asyncio.Event()
         self.published = 0
         self.latencies_ms: list[float] = []
         self.latest_scores: list[dict[str, Any]] = []  # the newest rolling ledger scores (/metrics)
@@ -193,6 +194,22 @@ class ForecastService:
                     raise
                 except Exception:
                     log.exception("forecast_failed", symbol=pair[0], interval=pair[1], origin=origin)
+
+    async def score_loop(self) -> None:
+        """Rolling ledger scores, off the forecast path: when due, once the forecasts of the current tick are
+        out, and once however many forecasts made them due meanwhile (so many pairs closing together cost one
+        scoring, not one per `score_every` forecasts)."""
+        while True:
+            await self._scores_due.wait()
+            while self._pending:  # let the tick's forecasts go first
+                await asyncio.sleep(0.05)
+            self._scores_due.clear()
+            try:
+                await self.publish_scores()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("ledger_scores_failed")
 
     async def publish_scores(self) -> list[dict[str, Any]]:
         """Rolling ledger scores per pair and model version: stored as a model event, published, logged."""
@@ -258,7 +275,7 @@ class ForecastService:
             listener({"payload": payload, "latency_s": None if latency is None else latency / 1000,
                       "model_s": model_done - read_done})
         if self.published % config.score_every == 0:
-            await self.publish_scores()
+            self._scores_due.set()  # scored by score_loop, off the forecast path
         log.info("forecast_published", symbol=symbol, interval=interval, origin=origin_ms,
                  model_version=champion.version, latency_ms=None if latency is None else round(latency, 1),
                  read_ms=round((read_done - began) * 1000, 1), model_ms=round((model_done - read_done) * 1000, 1),

@@ -338,6 +338,7 @@ class Daemon:
         self._start_http()
         self._start("status", self._status)
         self._start("forecast", self.forecaster.run)
+        self._start("ledger", self.forecaster.score_loop)
         self._start("continual", self.continual.run)
         self._start("store_watch", self._watch_store)
         try:
@@ -429,7 +430,7 @@ class Daemon:
         log.info("daemon_stopping")
         await self.continual.stop_training()
         await self._stop_ingest()
-        for name in ("continual", "forecast", "watchdog", "store_watch", "status"):
+        for name in ("continual", "forecast", "ledger", "watchdog", "store_watch", "status"):
             task = self._tasks.pop(name, None)
             if task is not None:
                 task.cancel()
