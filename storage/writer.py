@@ -31,6 +31,10 @@ T = TypeVar("T")
 MAX_ROWS_PER_TRANSACTION = 200_000
 
 
+# How many snapshot intervals a due publish may wait for the queue to drain.
+SNAPSHOT_MAX_DEFERRAL = 3
+
+
 class _Stop:
     pass
 
@@ -142,7 +146,13 @@ class StoreWriter:
                 if item[0] == "upsert":
                     pending = self._gather_upserts(item)
                 self._execute(store, pending)
-                self._publish_quietly(store, final=False)
+                # A due snapshot waits while work is queued (a forecast's read right behind a tick's candles must
+                # not wait for a whole-database copy), but not beyond SNAPSHOT_MAX_DEFERRAL intervals.
+                idle = self._held is None and self._queue.empty()
+                overdue = (self._last_publish is not None and time.monotonic() - self._last_publish
+                           >= SNAPSHOT_MAX_DEFERRAL * max(self.snapshot_interval_s, 1.0))
+                if idle or overdue:
+                    self._publish_quietly(store, final=False)
             self._publish_quietly(store, final=True)
         finally:
             store.close()
