@@ -217,6 +217,12 @@ class Daemon:
         for line in [x for x in list(self.lines) if x.get("event") not in quiet][-last:]:
             print(json.dumps(line)[:600])
 
+    def finish(self) -> None:
+        """End of a test, passed or not: show the recent log, and kill the daemon if it is still running."""
+        self.dump()
+        if self.process.poll() is None:
+            self.kill()
+
     def kill(self) -> None:
         self.process.kill()
         self.process.wait(timeout=10)

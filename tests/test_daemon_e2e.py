@@ -140,9 +140,7 @@ def test_service_lifecycle_forecasts_gaps_reload_broker_restart_and_clean_stop(t
         assert late.payloads("kronos/status")[-1] == b"offline"
         late.close()
     finally:
-        daemon.dump()
-        if daemon.process.poll() is None:
-            daemon.kill()
+        daemon.finish()
         subscriber.close()
         notify.close()
 
@@ -191,9 +189,7 @@ def test_forecasts_are_published_calibrated_with_raw_alongside_and_stay_calibrat
         assert len(payload["p10"]["open"]) == 6
         assert daemon.stop() == 0
     finally:
-        daemon.dump()
-        if daemon.process.poll() is None:
-            daemon.kill()
+        daemon.finish()
     before = len(subscriber.forecasts("BTCUSDT"))
     restarted = Daemon(config)
     try:
@@ -257,9 +253,7 @@ def test_continual_finetune_promotes_a_better_challenger_rejects_a_broken_one_an
         # kill -9, then a restart: nothing lost, nothing twice, the champion survives
         daemon.kill()
     finally:
-        daemon.dump()
-        if daemon.process.poll() is None:
-            daemon.kill()
+        daemon.finish()
     restarted = Daemon(config)
     try:
         ready = restarted.wait_event("daemon_ready", 60)[0]

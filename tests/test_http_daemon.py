@@ -192,9 +192,7 @@ def test_http_server_of_a_running_daemon(tmp_path, broker):
             and "MQTT up" in last, last
         assert daemon.stop() == 0
     finally:
-        daemon.dump()
-        if daemon.process.poll() is None:
-            daemon.kill()
+        daemon.finish()
         subscriber.close()
         notify.close()
         simulator.close()
