@@ -17,7 +17,7 @@ from daemon.simulator.data import CandleBook, SimClock
 from daemon.simulator.hostile import HostileProfile
 from daemon.simulator.server import ExchangeSimulator
 from daemon.simulator.synthetic import add_synthetic_pairs
-from storage.intervals import format_ms, interval_ms, parse_time
+from storage.intervals import format_ms, parse_time
 
 # Market time the synthetic pairs' live part starts at (any grid time works; a fixed one keeps runs alike).
 SYNTHETIC_START = "2026-01-01T00:00"
@@ -77,7 +77,6 @@ def build_book(args: argparse.Namespace) -> CandleBook:
         for path in sorted(BUNDLED_DATA_DIR.glob("*.parquet")):
             bundled.add_file(path)
         start = parse_time(args.start) if args.start else parse_time(SYNTHETIC_START)
-        interval_ms(args.pairs_interval)
         add_synthetic_pairs(book, list(bundled), args.pairs, args.pairs_interval, start, args.pairs_history,
                             args.pairs_future, seed=args.seed)
     paths = args.data or ([] if args.store or args.pairs is not None else sorted(BUNDLED_DATA_DIR.glob("*.parquet")))
