@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import polars as pl
 import structlog
 
-from storage.snapshot import SNAPSHOT_STORAGE_VERSION, publish_snapshot
+from storage.snapshot import SNAPSHOT_RETENTION_S, SNAPSHOT_STORAGE_VERSION, PublishReport, SnapshotPublisher
 from storage.store import CandleStore, UpsertResult
 
 log = structlog.get_logger("storage.writer")
@@ -62,11 +62,18 @@ class StoreWriter:
         memory_limit: str = "1GB",
         threads: int = 2,
         snapshot_storage_version: str = SNAPSHOT_STORAGE_VERSION,
+        snapshot_retention_s: float = SNAPSHOT_RETENTION_S,
     ) -> None:
         self.db_path = Path(db_path)
         self.snapshot_path = Path(snapshot_path) if snapshot_path else None
         self.snapshot_interval_s = snapshot_interval_s
         self.snapshot_storage_version = snapshot_storage_version
+        self._publisher = (
+            SnapshotPublisher(self.snapshot_path, self.db_path, storage_version=snapshot_storage_version,
+                              retention_s=snapshot_retention_s)
+            if self.snapshot_path else None
+        )
+        self.last_publish: PublishReport | None = None
         self._store_options = {"memory_limit": memory_limit, "threads": threads}
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -174,6 +181,8 @@ class StoreWriter:
         return batch
 
     def _execute(self, store: CandleStore, pending: list[tuple]) -> None:
+        if self._publisher is not None:
+            self._publisher.note_write()
         kind = pending[0][0]
         if kind == "call":
             _, func, future = pending[0]
@@ -208,21 +217,21 @@ class StoreWriter:
             log.error("snapshot_publish_failed", path=str(self.snapshot_path), error=str(exc))
 
     def _publish(self, store: CandleStore, *, force: bool, final: bool = False) -> Path | None:
-        if self.snapshot_path is None:
+        if self._publisher is None or self.snapshot_path is None:
             return None
         due = self._last_publish is None or time.monotonic() - self._last_publish >= self.snapshot_interval_s
         needed = self._dirty_since_publish or not self.snapshot_path.exists()
         if not force and not (needed and (due or final)):
             return None
-        began = time.monotonic()
-        published = publish_snapshot(
-            store.con, store.catalog, self.snapshot_path, storage_version=self.snapshot_storage_version
-        )
+        report = self._publisher.publish(store.con, store.catalog)
         store.checkpoint()
         if self.on_snapshot is not None:
-            self.on_snapshot(time.monotonic() - began)
+            self.on_snapshot(report.seconds)
         self._last_publish = time.monotonic()
         self._dirty_since_publish = False
         self.snapshots_published += 1
-        log.info("snapshot_published", path=str(published))
-        return published
+        self.last_publish = report
+        log.info("snapshot_published", path=str(report.path), seconds=round(report.seconds, 3),
+                 bytes_written=report.bytes_written, parts_written=len(report.parts_written),
+                 rows_changed=report.rows_changed, **({"rebuilt": report.rebuilt} if report.rebuilt else {}))
+        return report.path
