@@ -31,6 +31,7 @@ import structlog
 from storage.durable import fsync_path
 from storage.snapshot_layout import (
     CHUNK_ROWS,
+    NEWEST_ROWS,
     PARTED_TABLES,
     Manifest,
     PartedTable,
@@ -317,10 +318,13 @@ class _PublishRun:
             return []
         column = _quote(table.range_column)
         bounds: list[int] = []
-        if rows > CHUNK_ROWS:
-            fractions = [i / -(-rows // CHUNK_ROWS) for i in range(1, -(-rows // CHUNK_ROWS))]
+        if rows > 2 * NEWEST_ROWS:
+            chunks = -(-rows // CHUNK_ROWS)
+            # The newest rows get a file of their own: they are the ones revised next (a REST record replacing
+            # a websocket copy), and a revision rewrites the whole file holding the old version.
+            fractions = [i / chunks for i in range(1, chunks)] + [1 - NEWEST_ROWS / rows]
             quantiles = self.con.execute(
-                f"SELECT list_transform(approx_quantile({column}, {fractions}), x -> epoch_us(x)) FROM ({source})"
+                f"SELECT list_transform(approx_quantile({column}, {fractions}), lambda x: epoch_us(x)) FROM ({source})"
             ).fetchall()[0][0]
             bounds = sorted(set(int(value) for value in quantiles or []))
         directory = self.parts_dir / table.name

@@ -30,6 +30,8 @@ FAN_IN = 10
 # The rows one file of a bulk write (a full rebuild, a large backfill) holds at most: a revision of one old
 # row then rewrites one such file, not the table.
 CHUNK_ROWS = 1_000_000
+# About how many of the newest rows (by range column) a bulk write puts in a file of their own.
+NEWEST_ROWS = 2_000
 
 
 @dataclass(frozen=True)
