@@ -47,10 +47,10 @@ SELECT series, (row_number() OVER (PARTITION BY series ORDER BY open_time) - 1):
        open, high, low, close, volume, quote_volume, taker_buy_base, taker_buy_quote, trades
 FROM (SELECT 0 AS series, * FROM read_parquet('{btc}') UNION ALL SELECT 1 AS series, * FROM read_parquet('{eth}'))
 """
-INSERT_SQL = """
+INSERT_SQL = f"""
 INSERT INTO candles
-SELECT printf('SYN%03dUSDT', k), '1m', make_timestamptz((?::BIGINT - (?::BIGINT - slot) * {minute}) * 1000),
-       make_timestamptz((?::BIGINT - (?::BIGINT - slot) * {minute} + {minute} - 1) * 1000),
+SELECT printf('SYN%03dUSDT', k), '1m', make_timestamptz((?::BIGINT - (?::BIGINT - slot) * {MINUTE_MS}) * 1000),
+       make_timestamptz((?::BIGINT - (?::BIGINT - slot) * {MINUTE_MS} + {MINUTE_MS} - 1) * 1000),
        s.open * scale, s.high * scale, s.low * scale, s.close * scale, s.volume / scale, s.quote_volume,
        s.taker_buy_base / scale, s.taker_buy_quote, s.trades, 'rest', now()
 FROM (SELECT k, slot, k % 2 AS series, (k * 7919 + slot) % (CASE k % 2 WHEN 0 THEN ? ELSE ? END) AS j,
@@ -58,7 +58,7 @@ FROM (SELECT k, slot, k % 2 AS series, (k * 7919 + slot) % (CASE k % 2 WHEN 0 TH
       FROM range(?, ?) pairs(k), range(?) slots(slot)) AS wanted
 JOIN bench_source AS s USING (series, j)
 ORDER BY k, slot
-""".format(minute=MINUTE_MS)
+"""
 
 
 def parse_size(text: str) -> int:
@@ -77,7 +77,8 @@ def build_store(path: Path, candles: int, pairs: int) -> tuple[CandleStore, int]
     step = max(1, 2_000_000 // per_pair)  # pairs per INSERT, so each statement stays near 2 M rows
     for first in range(0, pairs, step):
         last = min(pairs, first + step)
-        store.con.execute(INSERT_SQL, [end_ms, per_pair, end_ms, per_pair, lengths[0], lengths[1], first, last, per_pair])
+        store.con.execute(INSERT_SQL, [end_ms, per_pair, end_ms, per_pair, lengths[0], lengths[1], first, last,
+                                       per_pair])
     store.con.execute("DROP TABLE bench_source")
     store.checkpoint()
     # Publishes run under the daemon's limits.
@@ -129,8 +130,8 @@ def run_size(root: Path, candles: int, pairs: int, changed: int) -> dict:
     began = time.perf_counter()
     store, _ = build_store(live, candles, pairs)
     stored = store.count_candles()
-    print(f"  {stored:,} candles stored in {time.perf_counter() - began:.0f} s; live file {live.stat().st_size / 2**20:.0f} MiB",
-          flush=True)
+    print(f"  {stored:,} candles stored in {time.perf_counter() - began:.0f} s; live file "
+          f"{live.stat().st_size / 2**20:.0f} MiB", flush=True)
     try:
         publisher = SnapshotPublisher(snapshot, live)
         first = publisher.publish(store.con, store.catalog)
@@ -141,7 +142,8 @@ def run_size(root: Path, candles: int, pairs: int, changed: int) -> dict:
         old_bytes = old_copy.stat().st_size
         new = publisher.publish(store.con, store.catalog)
         parted_bytes = directory_bytes(parts_dir_for(snapshot)) + snapshot.stat().st_size
-        fingerprint = "SELECT count(*), bit_xor(hash(symbol, interval, open_time, close, high, ingested_at)) FROM candles"
+        fingerprint = ("SELECT count(*), bit_xor(hash(symbol, interval, open_time, close, high, ingested_at)) "
+                       "FROM candles")
         same = store.con.execute(fingerprint).fetchall() == open_read_only(snapshot).execute(fingerprint).fetchall()
     finally:
         store.close()
