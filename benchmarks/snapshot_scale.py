@@ -122,7 +122,7 @@ def directory_bytes(path: Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
 
-def run_size(root: Path, candles: int, pairs: int, changed: int) -> dict:
+def run_size(root: Path, candles: int, pairs: int, changed: int, old_memory: str) -> dict:
     folder = root / f"store-{candles}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -136,9 +136,13 @@ def run_size(root: Path, candles: int, pairs: int, changed: int) -> dict:
         publisher = SnapshotPublisher(snapshot, live)
         first = publisher.publish(store.con, store.catalog)
         store.upsert(changed_rows(store, pairs, changed))
+        # The whole copy rebuilds the primary key index in the new file: under the daemon's 1 GB it fails
+        # ("could not allocate block") from about 10 M candles, so it gets the memory it needs here.
+        store.con.execute(f"SET memory_limit = '{old_memory}'")
         began = time.perf_counter()
         copy_whole_database(store.con, store.catalog, old_copy)
         old_seconds = time.perf_counter() - began
+        store.con.execute("SET memory_limit = '1GB'")
         old_bytes = old_copy.stat().st_size
         new = publisher.publish(store.con, store.catalog)
         parted_bytes = directory_bytes(parts_dir_for(snapshot)) + snapshot.stat().st_size
@@ -167,13 +171,14 @@ def main() -> None:
     parser.add_argument("--sizes", default="1M,10M,30M", help="store sizes in candles, e.g. 1M,10M,30M")
     parser.add_argument("--pairs", type=int, default=50)
     parser.add_argument("--changed", type=int, default=100, help="rows changed between the two publishes")
+    parser.add_argument("--old-memory", default="6GB", help="DuckDB memory limit for the whole-copy publish")
     parser.add_argument("--dir", type=Path, help="where to build the stores (default: a temp directory)")
     args = parser.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="snapshot-scale-"))
     results = []
     for size in [parse_size(text) for text in args.sizes.split(",")]:
         print(f"building {size:,} candles over {args.pairs} pairs in {root} …", flush=True)
-        results.append(run_size(root, size, args.pairs, args.changed))
+        results.append(run_size(root, size, args.pairs, args.changed, args.old_memory))
     print()
     print(f"{'candles':>12} | {'old publish':>22} | {'new publish':>22} | {'new/old time':>12} | "
           f"{'new/old bytes':>13} | {'new bytes / store':>17} | {'parts (rows) written':>20} | {'first build':>20}")
