@@ -43,6 +43,8 @@ class StorageConfig(BaseModel):
     threads: int = Field(2, ge=1)
     snapshot_interval_s: float = Field(60.0, ge=0)
     snapshot_storage_version: str = "v1.4.0"
+    snapshot_retention_s: float = Field(3600.0, ge=0, description="keep a snapshot's part files this long after a "
+                                        "newer snapshot replaced it: how long a reader holding it can query it")
 
     @property
     def snapshot_path(self) -> Path:

@@ -25,6 +25,7 @@ def open_writer(config: KronosConfig, snapshot: Path | None = None) -> StoreWrit
         memory_limit=storage.memory_limit,
         threads=storage.threads,
         snapshot_storage_version=storage.snapshot_storage_version,
+        snapshot_retention_s=storage.snapshot_retention_s,
     )
 
 
