@@ -123,8 +123,9 @@ class SnapshotPublisher:
             self._manifest = read_manifest(con, self.target)
             self._started = True
         previous = self._manifest
-        if previous is not None and previous.live_path != self.live_path:
-            previous = None  # a snapshot of another store: nothing in it can be reused
+        if previous is not None and (previous.live_path != self.live_path or
+                                     not all((self.parts_dir / part.name).exists() for part in previous.files)):
+            previous = None  # a snapshot of another store, or parts deleted by hand: nothing can be reused
         now_us = int(con.execute("SELECT epoch_us(now())").fetchall()[0][0])
         rebuild_reason = None
         if previous is None:

@@ -359,6 +359,14 @@ def test_a_restart_continues_from_the_published_parts_and_another_store_rebuilds
         writer.call(lambda store: None).result()
         assert writer.last_publish.rebuilt["candles"] == "no parts published before"
     assert snapshot_state(snapshot) == (10, 1)
+    # Parts deleted by hand (a full disk cleaned up): the next publish rebuilds them instead of failing.
+    for path in parts_dir_for(snapshot).rglob("*.parquet"):
+        path.unlink()
+    with StoreWriter(other, snapshot_path=snapshot, snapshot_interval_s=3600) as writer:
+        writer.submit(btc(10, 5)).result()
+        writer.call(lambda store: None).result()
+        assert writer.last_publish.rebuilt["candles"] == "no parts published before"
+    assert snapshot_state(snapshot) == (15, 2)
 
 
 def test_rows_stamped_before_the_last_publish_are_still_published(tmp_path):
