@@ -54,6 +54,10 @@ PARTS_DIR_MODE = 0o750
 # can query it for at least this long.
 SNAPSHOT_RETENTION_S = 3600.0
 
+# How far back a publish looks (seconds before the previous one) when the part counts disagree with the store,
+# before it rebuilds the table.
+LOOK_BACK_S = (3600.0, 86_400.0)
+
 _TARGET_ALIAS = "kronos_snapshot_target"
 _ADDED = "kronos_publish_added"
 
@@ -242,13 +246,7 @@ class _PublishRun:
         if reason is None and self.manifest.columns.get(table.name) != signature:
             reason = "its columns changed" if table.name in self.manifest.columns else "no parts published before"
         if reason is None and previous_watermark_us is not None:
-            reason = self._apply_changes(table, columns, live, previous_watermark_us)
-        if reason is None:
-            # Inserts that slipped past the stamps (or rows deleted) show up as a count that differs.
-            stored = int(self.con.execute(f"SELECT count(*) FROM {live}").fetchall()[0][0])
-            listed = sum(part.rows for part in self.manifest.table_files(table.name))
-            if stored != listed:
-                reason = f"its parts hold {listed} rows, the store {stored}"
+            reason = self._catch_up(table, columns, live, previous_watermark_us)
         if reason is not None:
             log.info("snapshot_parts_rebuilt", table=table.name, reason=reason)
             self.report.rebuilt[table.name] = reason
@@ -262,10 +260,26 @@ class _PublishRun:
             self.report.merged += len(group)
             self._add(self._write(table, parquet_select(self.parts_dir, group, columns), sum(p.rows for p in group)))
 
-    def _apply_changes(self, table: PartedTable, columns: list[tuple[str, str]], live: str,
-                       watermark_us: int) -> str | None:
-        """Write one part with the rows changed since the last publish; None, or why the table must be rebuilt."""
-        since = int(watermark_us - table.late_s * 1_000_000)
+    def _catch_up(self, table: PartedTable, columns: list[tuple[str, str]], live: str,
+                  watermark_us: int) -> str | None:
+        """Publish the table's changes since the last publish; None, or why the table must be rebuilt."""
+        stored = int(self.con.execute(f"SELECT count(*) FROM {live}").fetchall()[0][0])
+        # Inserts that slipped past the stamps (stamped long before they were stored) show up as a count that
+        # differs: look further back before rebuilding the whole table.
+        for late_s in (table.late_s, *(s for s in LOOK_BACK_S if s > table.late_s)):
+            reason = self._apply_changes(table, columns, live, watermark_us, late_s)
+            if reason is not None:
+                return reason
+            listed = sum(part.rows for part in self.manifest.table_files(table.name))
+            if listed == stored:
+                return None
+        return f"its parts hold {listed} rows, the store {stored}"
+
+    def _apply_changes(self, table: PartedTable, columns: list[tuple[str, str]], live: str, watermark_us: int,
+                       late_s: float) -> str | None:
+        """Write one part with the rows stamped since `late_s` before the last publish that it lacks; None, or
+        why the table must be rebuilt."""
+        since = int(watermark_us - late_s * 1_000_000)
         stamped = f"{_quote(table.changed_at)} >= make_timestamptz({since}::BIGINT)"
         current = self.manifest.table_files(table.name)
         # Rows stamped since `since` that are already published (at most late_s worth) are not new.
@@ -276,7 +290,7 @@ class _PublishRun:
         query = live_window + (f" EXCEPT ALL {published_window}" if published_window else "")
         self.con.execute(f"CREATE OR REPLACE TEMP TABLE {_ADDED} AS {query}")
         added = int(self.con.execute(f"SELECT count(*) FROM temp.{_ADDED}").fetchall()[0][0])
-        self.report.rows_changed[table.name] = added
+        self.report.rows_changed[table.name] = self.report.rows_changed.get(table.name, 0) + added
         if table.key is None and published_window:
             gone = int(self.con.execute(
                 f"SELECT count(*) FROM ({published_window} EXCEPT ALL {live_window})").fetchall()[0][0])

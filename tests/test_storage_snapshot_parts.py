@@ -379,9 +379,13 @@ def test_rows_stamped_before_the_last_publish_are_still_published(tmp_path):
         add_forecasts(store, origins[:10], int(time.time() * 1000))
         publisher = SnapshotPublisher(snapshot, live)
         publisher.publish(store.con, store.catalog)
-        add_forecasts(store, origins[10:12], int(time.time() * 1000) - 86_400_000)  # stamped a day ago
+        now_ms = int(time.time() * 1000)
+        add_forecasts(store, origins[10:12], now_ms - 1_800_000)  # stamped half an hour before it was stored
         report = publisher.publish(store.con, store.catalog)
-        assert "forecasts" in report.rebuilt
+        assert report.rebuilt == {} and report.rows_changed["forecasts"] == 4  # found by looking further back
+        add_forecasts(store, origins[12:14], now_ms - 3 * 86_400_000)  # stamped three days before
+        report = publisher.publish(store.con, store.catalog)
+        assert report.rebuilt == {"forecasts": "its parts hold 24 rows, the store 28"}
         # A new column (a migration) rebuilds that table's parts with it.
         store.con.execute("ALTER TABLE forecasts ADD COLUMN spread DOUBLE")
         report = publisher.publish(store.con, store.catalog)
@@ -390,7 +394,7 @@ def test_rows_stamped_before_the_last_publish_are_still_published(tmp_path):
         store.close()
     con = open_read_only(snapshot)
     try:
-        assert con.execute("SELECT count(*) FROM forecasts").fetchall()[0][0] == 24
+        assert con.execute("SELECT count(*) FROM forecasts").fetchall()[0][0] == 28
         assert "spread" in [row[0] for row in con.execute("DESCRIBE forecasts").fetchall()]
     finally:
         con.close()
