@@ -454,3 +454,17 @@ def test_duckdb_1_4_reads_the_parted_snapshot(tmp_path):
     assert result.stdout.splitlines()[-1].startswith("1.4.")
     assert counts == {"candles": "3500", "forecasts": "40", "gaps": "1", "ingest_batches": "2",
                       "model_events": "2", "schema_version": "3"}
+
+
+def test_a_whole_copy_snapshot_of_an_older_kronosd_is_replaced_by_a_parted_one(tmp_path):
+    live, snapshot = tmp_path / "kronos.live.duckdb", tmp_path / "kronos.duckdb"
+    store = CandleStore(live)
+    try:
+        store.upsert(btc(0, 300))
+        copy_whole_database(store.con, store.catalog, snapshot)  # what the previous version published
+        store.upsert(btc(300, 10))
+        report = SnapshotPublisher(snapshot, live).publish(store.con, store.catalog)
+    finally:
+        store.close()
+    assert report.rebuilt["candles"] == "no parts published before"
+    assert snapshot_state(snapshot) == (310, 2)
