@@ -12,12 +12,12 @@ import polars as pl
 import pytest
 import yaml
 from daemon_helpers import (
-    Broker,
     Daemon,
     NotifySocket,
     Simulator,
     Subscriber,
     daemon_config,
+    snapshot_rows,
     wait_for,
 )
 
@@ -29,25 +29,10 @@ HOUR_MS = 3_600_000
 
 
 @pytest.fixture
-def broker(tmp_path):
-    broker = Broker(tmp_path)
-    yield broker
-    broker.stop()
-
-
-@pytest.fixture
 def simulator():
     sim = Simulator(START, speed=7200)
     yield sim
     sim.close()
-
-
-def snapshot_rows(path, query: str):
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        return con.execute(query).fetchall()
-    finally:
-        con.close()
 
 
 def assert_candles_match_truth(snapshot, symbol: str) -> int:
