@@ -235,17 +235,37 @@ def score_ledger(con: duckdb.DuckDBPyConnection, *, window: timedelta | None = N
 
 
 def overall_errors(con: duckdb.DuckDBPyConnection) -> dict[str, float | int | None]:
-    """Every realised step of every stored forecast: median-close MAE against the random walk (last close)
-    and the share of right direction calls, as the daemon's summary reports them."""
+    """Every realised step of every stored forecast: median-close MAE against the random walk (last close),
+    the share of right direction calls, and what subscribers got: the 80 % band's coverage and P(up)'s Brier
+    score as published (calibrated where the forecast went out calibrated, raw elsewhere) and raw, as the
+    daemon's summary reports them."""
     realised = forecasts_with_outcomes(con).filter(pl.col("actual").is_not_null())
     if realised.is_empty():
-        return {"scored_steps": 0, "mae": None, "mae_random_walk": None, "direction_accuracy": None}
+        return {"scored_steps": 0, "mae": None, "mae_random_walk": None, "direction_accuracy": None,
+                "coverage_80": None, "coverage_80_raw": None, "brier_prob_up": None, "brier_prob_up_raw": None,
+                "calibrated_share": None}
     actual, last = realised["actual"].to_numpy(), realised["last_close"].to_numpy()
     median = realised["close_p50"].to_numpy()
     called, correct = metrics.direction_hits(median, actual, last)
+    published = realised
+    if "close_p10_cal" in realised.columns:  # schema >= 3: what went out calibrated replaces the raw value
+        published = realised.with_columns(
+            pl.coalesce(f"{name}_cal", name).alias(name) for name in ("close_p10", "close_p90", "prob_up"))
+    up = (actual > last).astype(np.float64)
+
+    def coverage(rows: pl.DataFrame) -> float:
+        return float(((actual >= rows["close_p10"].to_numpy()) & (actual <= rows["close_p90"].to_numpy())).mean())
+
+    def brier(rows: pl.DataFrame) -> float:
+        return float(((rows["prob_up"].to_numpy() - up) ** 2).mean())
+
+    calibrated = realised["close_p10_cal"].is_not_null().mean() if "close_p10_cal" in realised.columns else 0.0
     return {"scored_steps": realised.height, "mae": float(np.abs(median - actual).mean()),
             "mae_random_walk": float(np.abs(last - actual).mean()),
-            "direction_accuracy": float(correct.sum() / called.sum()) if called.any() else None}
+            "direction_accuracy": float(correct.sum() / called.sum()) if called.any() else None,
+            "coverage_80": coverage(published), "coverage_80_raw": coverage(realised),
+            "brier_prob_up": brier(published), "brier_prob_up_raw": brier(realised),
+            "calibrated_share": float(calibrated)}
 
 
 def rolling_scores(con: duckdb.DuckDBPyConnection, window: timedelta = timedelta(days=7),
