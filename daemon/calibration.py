@@ -2,16 +2,18 @@
 from the pair's stored forecasts and the candles that followed, fed every closed candle, asked for what to
 publish.
 
-Levels: the calibrator works on the raw close quantiles at 5/10/50/90/95 % (CALIBRATION_QUANTILES). The table
-kept only p10/p50/p90 before schema 3, which would leave the calibrator without a 90 % band, so schema 3 also
-stores the raw close p05/p95 and warming replays only forecasts that have them; a store written before it
+Levels: the calibrator works on the raw close quantile grid (`forecast.quantile_grid`, default 5 %...95 % in
+5 % steps), which every forecast stores per step (schema 4: `grid_levels`, `close_grid`), so it is warmed on
+every level. Rows stored with another grid, or before schema 4, are not replayed: after such a change a pair
 starts cold (published raw, flagged, until `min_history` outcomes per step have closed).
 
 Model versions: scores are in units of the raw forecast's own spread, but a new champion's spread still
-behaves differently (that is why it was promoted), so a calibrator belongs to one model version. After a
-promotion the pair's calibrator is rebuilt from the new version's stored forecasts, i.e. it starts cold: the
-gate's held-out forecasts are a handful of spread-out origins (gate.origins), far fewer than `min_history`
-consecutive ones, so warming from them would not make the new champion calibrated any sooner.
+behaves differently (that is why it was promoted), so a calibrator belongs to one model version. At a
+promotion each gated pair's calibrator is warmed from the gate's held-out forecasts of the new version (the
+gate forecast them anyway; `gate.origins` of them per pair, spread over the held-out candles), then fed live
+candles as usual; steps are published calibrated once they hold `min_history` scores, so with
+`gate.origins >= min_history` a promoted model publishes calibrated from its first forecast. Pairs the gate did
+not see are warmed from the new version's stored forecasts (none yet: they start cold).
 """
 
 from __future__ import annotations
@@ -25,12 +27,10 @@ import structlog
 
 from daemon.config import CalibrationSettings
 from kronos_model.calibration import CalibratedForecast, CalibrationConfig, OnlineCalibrator, RawForecast
-from storage.forecasts import CALIBRATION_QUANTILES
 from storage.intervals import interval_ms
 
 log = structlog.get_logger("daemon.calibration")
 Pair = tuple[str, str]
-LEVELS = tuple(CALIBRATION_QUANTILES)
 
 
 @dataclass
@@ -39,9 +39,11 @@ class _Entry:
     calibrator: OnlineCalibrator
 
 
-def history_forecasts(frame: pl.DataFrame, horizon: int) -> list[tuple[RawForecast, np.ndarray]]:
+def history_forecasts(frame: pl.DataFrame, horizon: int,
+                      levels: tuple[float, ...]) -> list[tuple[RawForecast, np.ndarray]]:
     """(RawForecast, realised closes with NaN where unknown) per stored origin with all `horizon` steps, from
-    `storage.forecasts.calibration_history` rows. Origins made with another horizon are left out."""
+    `storage.forecasts.calibration_history` rows (their `close_grid` holds `levels`). Origins made with another
+    horizon are left out."""
     if frame.is_empty():
         return []
     complete = (frame.group_by("origin_ms").agg(pl.len().alias("n"), pl.col("step").min().alias("lo"),
@@ -53,24 +55,24 @@ def history_forecasts(frame: pl.DataFrame, horizon: int) -> list[tuple[RawForeca
     count = rows.height // horizon
     origins = rows["origin_ms"].to_numpy().reshape(count, horizon)[:, 0]
     last = rows["last_close"].to_numpy().reshape(count, horizon)[:, 0]
-    quantiles = np.stack([rows[f"close_{name}"].to_numpy().reshape(count, horizon)
-                          for name in CALIBRATION_QUANTILES.values()], axis=1)  # (N, L, H)
+    grid = np.asarray(rows["close_grid"].to_list(), dtype=np.float64)  # (N * H, L)
+    quantiles = grid.reshape(count, horizon, len(levels)).transpose(0, 2, 1)  # (N, L, H)
     prob_up = rows["prob_up"].to_numpy().reshape(count, horizon)
     actual = rows["actual"].fill_null(np.nan).to_numpy().astype(np.float64).reshape(count, horizon)
-    return [(RawForecast(int(origins[i]), float(last[i]), LEVELS, np.sort(quantiles[i], axis=0), prob_up[i]),
+    return [(RawForecast(int(origins[i]), float(last[i]), levels, np.sort(quantiles[i], axis=0), prob_up[i]),
              actual[i]) for i in range(count)]
 
 
 class PairCalibrators:
     """Calibrators per pair, each tied to the model version whose forecasts it has seen."""
 
-    def __init__(self, settings: CalibrationSettings, horizon: int):
-        self.settings, self.horizon = settings, horizon
+    def __init__(self, settings: CalibrationSettings, horizon: int, levels: tuple[float, ...]):
+        self.settings, self.horizon, self.levels = settings, horizon, tuple(levels)
         self._entries: dict[Pair, _Entry] = {}
         self.failures = 0  # calibration errors caught (each one: that forecast published raw)
 
     def config(self, interval: str) -> CalibrationConfig:
-        return CalibrationConfig(horizon=self.horizon, interval_ms=interval_ms(interval), levels=LEVELS,
+        return CalibrationConfig(horizon=self.horizon, interval_ms=interval_ms(interval), levels=self.levels,
                                  min_history=self.settings.min_history, window=self.settings.window)
 
     def needs_warm(self, pair: Pair, version: str) -> bool:
@@ -84,10 +86,25 @@ class PairCalibrators:
     def install(self, pair: Pair, version: str, history: pl.DataFrame) -> int:
         """A fresh calibrator for `pair` and `version`, warmed on `history` (calibration_history rows); returns
         the outcomes it registered. A history that cannot be replayed leaves the calibrator cold (logged)."""
+        if not self.settings.enabled:
+            return 0
+        try:
+            forecasts = history_forecasts(history, self.horizon, self.levels)
+        except Exception:
+            forecasts = None
+        return self.install_forecasts(pair, version, forecasts)
+
+    def install_forecasts(self, pair: Pair, version: str,
+                          forecasts: list[tuple[RawForecast, np.ndarray]] | None) -> int:
+        """A fresh calibrator for `pair` and `version` warmed on (raw forecast, realised closes) pairs, e.g. the
+        gate's held-out forecasts of a promoted model; None (unreadable history) or a failing replay leaves it
+        cold, counted and logged."""
         calibrator = OnlineCalibrator(self.config(pair[1]))
         self._entries[pair] = _Entry(version, calibrator)
         try:
-            outcomes = calibrator.warm(history_forecasts(history, self.horizon))
+            if forecasts is None:
+                raise ValueError("the stored forecasts could not be read back as a calibration history")
+            outcomes = calibrator.warm(forecasts)
         except Exception:
             self.failures += 1
             log.exception("calibration_warm_failed", symbol=pair[0], interval=pair[1], model_version=version)

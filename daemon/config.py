@@ -10,6 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kronos_model.calibration.grid import DEFAULT_LEVELS, validate_levels
 from storage.forecasts import STORED_QUANTILES
 from storage.intervals import interval_ms
 
@@ -126,6 +127,8 @@ class ForecastConfig(BaseModel):
     top_p: float = Field(0.9, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     quantiles: list[float] = Field(default_factory=lambda: list(STORED_QUANTILES))
+    quantile_grid: list[float] = Field(default_factory=lambda: list(DEFAULT_LEVELS),
+                                       description="close quantile levels stored per step, scored and calibrated")
     seed: int = 0
     score_every: int = Field(24, ge=1, description="publish rolling ledger scores after this many forecasts")
     score_window_days: float = Field(7, gt=0, description="the rolling window of those scores")
@@ -136,6 +139,11 @@ class ForecastConfig(BaseModel):
         if not set(STORED_QUANTILES) <= set(self.quantiles):
             levels = ", ".join(map(str, sorted(STORED_QUANTILES)))
             raise ValueError(f"quantiles must include {levels} (the forecasts table stores them)")
+        self.quantile_grid = list(validate_levels(self.quantile_grid))
+        missing = sorted(set(STORED_QUANTILES) - set(self.quantile_grid))
+        if missing:
+            raise ValueError(f"quantile_grid must include {', '.join(map(str, missing))}: the published p10/p50/p90 "
+                             "are calibrated on the grid")
         return self
 
 
@@ -156,7 +164,9 @@ class FinetuneScheduleConfig(BaseModel):
 class GateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    metric: Literal["crps", "mae"] = Field("crps", description="what the challenger must lower")
+    metric: Literal["crps_calibrated", "crps", "mae"] = Field(
+        "crps_calibrated", description="what the challenger must lower: the CRPS of the calibrated forecasts "
+        "(what is published; 'crps' when calibration is off), of the raw sample paths, or the median's MAE")
     margin: float = Field(0.0, ge=0, lt=1, description="challenger metric must be below (1 - margin) x champion's")
     require_significance: bool = Field(False, description="also demand a Diebold-Mariano p-value below alpha")
     alpha: float = Field(0.05, gt=0, lt=1)

@@ -7,8 +7,13 @@
 - The trainer runs as `python -m kronos_model.finetune` (never a fork of this process, which holds torch
   and DuckDB), niced, with its own log file, starting from the champion's weights; it gets a Parquet
   export, not a handle on the store.
-- Promotion only when the challenger is finite and its `gate.metric` (CRPS of the sample paths by default,
-  or the median's MAE) beats the champion's by the margin; the
+- Promotion only when the challenger is finite and its `gate.metric` beats the champion's by the margin
+  (by default the CRPS of what would be published: the calibrated quantile grid, see
+  kronos_model.finetune.gate; or the raw sample paths' CRPS, or the median's MAE). Every training pair is
+  gated on its own held-out candles and the per-origin losses are pooled. The
+  pair is copied into the registry, loaded back with its hashes verified, given a smoke forecast, and only
+  then swapped in, with each pair's calibrator warmed from the challenger's held-out forecasts of that pair
+  (so a promotion does not restart calibration from nothing). The
   pair is copied into the registry, loaded back with its hashes verified, given a smoke forecast, and only
   then swapped in. Every decision lands in `model_events`, the log, and MQTT events.
 """
@@ -36,7 +41,7 @@ from daemon.mqtt import Publisher
 from daemon.registry import ModelRegistry
 from kronos_model.checkpoint import load_pair
 from kronos_model.data import candles_to_frame
-from kronos_model.finetune.gate import evaluate_pair
+from kronos_model.finetune.gate import GateResult, evaluate_pair, pool
 from kronos_model.hub import CheckpointError
 from storage.forecasts import insert_model_event
 from storage.intervals import interval_ms
@@ -108,9 +113,10 @@ class ContinualTrainer:
         for listener in self.listeners:
             listener({"kind": kind, "model_version": version, "champion_version": champion, "run_id": run_id})
 
-    async def _export(self, run_dir: Path) -> tuple[Path, pl.DataFrame]:
+    async def _export(self, run_dir: Path) -> tuple[Path, dict[Pair, pl.DataFrame]]:
+        """The training Parquet file, and each pair's held-out frame for the gate."""
         schedule, forecast = self.config.finetune, self.config.forecast
-        train_parts, gate_parts = [], []
+        train_parts, gate_frames = [], {}
         for symbol, interval in self.pairs():
             step = interval_ms(interval)
             last = await self.writer.run(lambda store, s=symbol, i=interval: store.last_open_time(s, i))
@@ -123,12 +129,12 @@ class ContinualTrainer:
             cut = last - schedule.holdout_candles * step  # candles after `cut` are held out
             train_parts.append(candles_to_frame(candles.filter(pl.col("open_time") <= cut)))
             gate_from = cut - forecast.lookback * step  # the held-out targets need a look-back before them
-            gate_parts.append(candles_to_frame(candles.filter(pl.col("open_time") > gate_from)))
+            gate_frames[(symbol, interval)] = candles_to_frame(candles.filter(pl.col("open_time") > gate_from))
         if not train_parts:
             raise ValueError("no stored candles for the training pairs yet")
         data_path = run_dir / "data.parquet"
         pl.concat(train_parts).write_parquet(data_path)
-        return data_path, pl.concat(gate_parts)
+        return data_path, gate_frames
 
     def _trainer_config(self, run_dir: Path, data_path: Path, champion_dir: Path) -> Path:
         forecast, model = self.config.forecast, self.config.model
@@ -157,7 +163,7 @@ class ContinualTrainer:
             champion_version = self.registry.resolve("current")
             if champion_version is None:
                 raise RuntimeError("no champion model to fine-tune")
-            data_path, gate_frame = await self._export(run_dir)
+            data_path, gate_frames = await self._export(run_dir)
             config_path = self._trainer_config(run_dir, data_path, self.registry.path(champion_version))
             await self._event("finetune_started", run_id=run_id, rows=pl.scan_parquet(data_path).select(
                 pl.len()).collect().item())
@@ -167,7 +173,7 @@ class ContinualTrainer:
                 tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-3:]
                 await self._event("rejected", run_id=run_id, reason=f"fine-tune exited with {code}", log_tail=tail)
                 return "rejected"
-            return await self._gate(run_id, run_dir / "out" / "best", gate_frame)
+            return await self._gate(run_id, run_dir / "out" / "best", gate_frames)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a failed run must never take the service down
@@ -215,7 +221,7 @@ class ContinualTrainer:
                 process.kill()
             await process.wait()
 
-    async def _gate(self, run_id: str, candidate: Path, gate_frame: pl.DataFrame) -> str:
+    async def _gate(self, run_id: str, candidate: Path, gate_frames: dict[Pair, pl.DataFrame]) -> str:
         gate, forecast = self.config.gate, self.config.forecast
         champion_version = self.registry.resolve("current")
         try:
@@ -225,34 +231,40 @@ class ContinualTrainer:
             await self._event("rejected", run_id=run_id, reason=f"challenger checkpoint unusable: {exc}")
             return "rejected"
         champion_pair = await asyncio.to_thread(self.registry.load, champion_version)
+        calibrate = forecast.calibration.enabled
+        metric = gate.metric if calibrate or gate.metric != "crps_calibrated" else "crps"
 
-        def measure(pair):
-            return evaluate_pair(*pair, gate_frame, forecast.lookback, forecast.horizon, origins=gate.origins,
-                                 sample_count=gate.sample_paths, seed=gate.seed,
-                                 max_context=self.config.model.max_context,
-                                 device=None if self.config.model.device == "auto" else self.config.model.device)
+        def measure(pair) -> dict[Pair, GateResult]:
+            return {key: evaluate_pair(*pair, frame, forecast.lookback, forecast.horizon, origins=gate.origins,
+                                       sample_count=gate.sample_paths, seed=gate.seed,
+                                       max_context=self.config.model.max_context,
+                                       device=None if self.config.model.device == "auto" else self.config.model.device,
+                                       calibration=self.forecaster.calibrators.config(key[1]) if calibrate else None)
+                    for key, frame in gate_frames.items()}
 
-        challenger = await asyncio.to_thread(measure, challenger_pair)
-        champion = await asyncio.to_thread(measure, champion_pair)
-        comparison = challenger.compare_with(champion, metric=gate.metric)  # same frame, origins and seeds
+        challenger_pairs = await asyncio.to_thread(measure, challenger_pair)
+        champion_pairs = await asyncio.to_thread(measure, champion_pair)
+        challenger, champion = pool(list(challenger_pairs.values())), pool(list(champion_pairs.values()))
+        comparison = challenger.compare_with(champion, metric=metric)  # same frames, origins and seeds
         scores = {"challenger": challenger.to_dict(), "champion": champion.to_dict(),
                   "comparison": comparison.to_dict(), "margin": gate.margin}
         better = challenger.finite and comparison.passes(gate.margin, gate.alpha, gate.require_significance)
         if not better:
             self.rejections += 1
             reason = ("non-finite scores" if not challenger.finite else
-                      f"{gate.metric} not lower than the champion's by the margin"
+                      f"{metric} not lower than the champion's by the margin"
                       + (f" with DM p < {gate.alpha}" if gate.require_significance else ""))
             await self._event("rejected", run_id=run_id, reason=reason, **scores)
             return "rejected"
         version = await asyncio.to_thread(self.registry.add, candidate)
         tokenizer, model = await asyncio.to_thread(self.registry.load, version)  # hashes verified again
-        if not await self._smoke(version, tokenizer, model, gate_frame):
+        if not await self._smoke(version, tokenizer, model, next(iter(gate_frames.values()))):
             self.rejections += 1
             await self._event("rejected", version, run_id, reason="smoke forecast failed", **scores)
             return "rejected"
         self.registry.promote(version)
-        self.forecaster.set_champion(version, tokenizer, model)
+        warm = {key: result.held_out for key, result in challenger_pairs.items() if result.held_out}
+        self.forecaster.set_champion(version, tokenizer, model, warm=warm)
         self.promotions += 1
         await self._event("promoted", version, run_id, previous=champion_version, **scores)
         return "promoted"

@@ -34,17 +34,18 @@ import polars as pl
 import structlog
 import torch
 
-from daemon.calibration import LEVELS, PairCalibrators
+from daemon.calibration import PairCalibrators
 from daemon.config import ForecastConfig, ModelConfig
 from daemon.ledger import rolling_scores
 from daemon.mqtt import Publisher
 from kronos_model import Forecast, Kronos, KronosPredictor, KronosTokenizer
-from kronos_model.calibration import CalibratedForecast, RawForecast
+from kronos_model.calibration import DEFAULT_LEVELS, CalibratedForecast, RawForecast
 from kronos_model.data import FEATURES, candles_to_frame
 from storage.forecasts import (
+    BAND_QUANTILES,
     CALIBRATED_COLUMNS,
-    CALIBRATION_QUANTILES,
     FORECAST_COLUMNS,
+    GRID_COLUMNS,
     STORED_QUANTILES,
     calibration_history,
     insert_forecasts,
@@ -88,9 +89,11 @@ def target_times_ms(origin_ms: int, interval: str, steps: int) -> list[int]:
 
 
 def forecast_rows(result: Forecast, symbol: str, interval: str, origin_ms: int, version: str,
-                  issued_ms: int, calibrated: CalibratedForecast | None = None) -> pl.DataFrame:
-    """The forecasts table's rows: the raw model output, the raw close p05/p95 the calibrator is warmed from,
-    and (when `calibrated`, i.e. it was published calibrated) the calibrated close quantiles and P(up)."""
+                  issued_ms: int, calibrated: CalibratedForecast | None = None,
+                  grid: tuple[float, ...] = DEFAULT_LEVELS) -> pl.DataFrame:
+    """The forecasts table's rows: the raw model output, the raw close p05/p95 and quantile `grid` (what the
+    ledger's CRPS and the calibrator's warm-up read), and (when `calibrated`, i.e. it was published calibrated)
+    the calibrated close quantiles, grid and P(up). `calibrated` must hold the levels of `grid`."""
     steps = len(result.timestamps)
     data: dict[str, Any] = {
         "symbol": [symbol] * steps, "interval": [interval] * steps, "origin_time": [origin_ms] * steps,
@@ -103,20 +106,28 @@ def forecast_rows(result: Forecast, symbol: str, interval: str, origin_ms: int, 
         for q, name in STORED_QUANTILES.items():
             data[f"{column}_{name}"] = result.quantiles[q][:, j]
     data["prob_up"] = result.prob_up
-    for level in (0.05, 0.95):
-        data[f"close_{CALIBRATION_QUANTILES[level]}"] = result.close_quantile(level)
+    for level, name in BAND_QUANTILES.items():
+        data[f"close_{name}"] = result.close_quantile(level)
     nothing = [None] * steps  # published raw: no calibrated values (NULL)
     for level, name in STORED_QUANTILES.items():
         data[f"close_{name}_cal"] = nothing if calibrated is None else calibrated.quantile(level)
     data["prob_up_cal"] = nothing if calibrated is None else calibrated.prob_up
-    return pl.DataFrame(data, schema_overrides=dict.fromkeys(CALIBRATED_COLUMNS, pl.Float64))
+    data["grid_levels"] = [list(grid)] * steps
+    data["close_grid"] = np.quantile(result.close_paths, grid, axis=0).T.tolist()  # (steps, levels)
+    data["close_grid_cal"] = nothing if calibrated is None else np.stack(
+        [calibrated.quantile(level) for level in grid], axis=1).tolist()
+    grid_type = pl.List(pl.Float64)
+    return pl.DataFrame(data, schema_overrides={**dict.fromkeys(CALIBRATED_COLUMNS, pl.Float64),
+                                                **dict.fromkeys(GRID_COLUMNS, grid_type)})
 
 
 def forecast_payload(result: Forecast, symbol: str, interval: str, origin_ms: int, version: str,
                      issued_ms: int, calibrated: CalibratedForecast | None = None,
-                     calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+                     calibration: dict[str, Any] | None = None,
+                     grid: tuple[float, ...] = DEFAULT_LEVELS) -> dict[str, Any]:
     """The MQTT payload (documented in the README). With `calibrated` (every step calibrated), the close
-    p10/p50/p90 and prob_up are the calibrated ones; the raw ones are always under `raw`."""
+    p10/p50/p90, the close quantile grid and prob_up are the calibrated ones; the raw ones are always under
+    `raw`."""
     columns = list(FORECAST_COLUMNS)
     payload = {
         "symbol": symbol, "interval": interval, "issued_at": format_ms(issued_ms), "origin_time": format_ms(origin_ms),
@@ -127,13 +138,17 @@ def forecast_payload(result: Forecast, symbol: str, interval: str, origin_ms: in
            for q, name in STORED_QUANTILES.items()},
         "prob_up": np.round(result.prob_up, 4).tolist(),
     }
+    raw_grid = np.quantile(result.close_paths, grid, axis=0)  # (levels, steps)
+    payload["close_grid"] = {"levels": list(grid), "values": np.round(raw_grid, 8).tolist()}
     payload["raw"] = {**{name: {"close": np.round(result.close_quantile(q), 8).tolist()}
                          for q, name in STORED_QUANTILES.items()},
-                      "prob_up": np.round(result.prob_up, 4).tolist()}
+                      "prob_up": np.round(result.prob_up, 4).tolist(),
+                      "close_grid": {"levels": list(grid), "values": np.round(raw_grid, 8).tolist()}}
     if calibrated is not None:
         for q, name in STORED_QUANTILES.items():
             payload[name]["close"] = np.round(calibrated.quantile(q), 8).tolist()
         payload["prob_up"] = np.round(calibrated.prob_up, 4).tolist()
+        payload["close_grid"]["values"] = [np.round(calibrated.quantile(level), 8).tolist() for level in grid]
     payload["calibrated"] = calibrated is not None
     payload["calibration"] = calibration or {"method": None, "coverage_80": None, "coverage_90": None,
                                              "outcomes": 0}
@@ -157,12 +172,19 @@ class ForecastService:
         # Called after each forecast is stored and handed to MQTT (dashboard, metrics); must not block.
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.score_listeners: list[Callable[[list[dict[str, Any]]], None]] = []
-        self.calibrators = PairCalibrators(forecast.calibration, forecast.horizon)
+        self.grid = tuple(forecast.quantile_grid)
+        self.calibrators = PairCalibrators(forecast.calibration, forecast.horizon, self.grid)
         torch.set_num_threads(model.threads)
 
-    def set_champion(self, version: str, tokenizer: KronosTokenizer, model: Kronos) -> None:
-        """Swap the model. Calibrators belong to a model version: each pair's is rebuilt from the new
-        version's stored forecasts before its next forecast (see daemon/calibration.py)."""
+    def set_champion(self, version: str, tokenizer: KronosTokenizer, model: Kronos,
+                     warm: dict[Pair, list[tuple[RawForecast, np.ndarray]]] | None = None) -> None:
+        """Swap the model. Calibrators belong to a model version: a pair in `warm` (the gate's held-out forecasts
+        of the new version, with their outcomes) gets a calibrator warmed from them now; every other pair's is
+        rebuilt from the new version's stored forecasts before its next forecast (see daemon/calibration.py)."""
+        for pair, forecasts in (warm or {}).items():
+            outcomes = self.calibrators.install_forecasts(pair, version, forecasts)
+            log.info("calibration_warmed", symbol=pair[0], interval=pair[1], model_version=version,
+                     source="gate", forecasts=len(forecasts), outcomes=outcomes)
         self.champion = Champion(version, build_predictor(tokenizer, model, self.model_config))
 
     async def load_newest_origins(self) -> None:
@@ -260,11 +282,12 @@ class ForecastService:
         self.newest_origin[pair] = origin_ms
         calibrated = self._calibrate(pair, origin_ms, result)
         published = calibrated if calibrated is not None and calibrated.calibrated else None
-        rows = forecast_rows(result, symbol, interval, origin_ms, champion.version, issued, published)
+        rows = forecast_rows(result, symbol, interval, origin_ms, champion.version, issued, published, self.grid)
         await self.writer.run(lambda store: insert_forecasts(store.con, rows))
         stored = time.monotonic()
         summary = self.calibrators.summary(pair) if calibrated is not None else None
-        payload = forecast_payload(result, symbol, interval, origin_ms, champion.version, issued, published, summary)
+        payload = forecast_payload(result, symbol, interval, origin_ms, champion.version, issued, published, summary,
+                                   self.grid)
         if self.publisher is not None:
             self.publisher.publish_forecast(symbol, interval, payload, origin_ms=origin_ms)
         self.published += 1
@@ -293,7 +316,7 @@ class ForecastService:
             if calibrators.needs_warm(pair, version):
                 since = calibrators.warm_since_ms(pair[1], origin_ms)
                 history = await self.writer.run(
-                    lambda store: calibration_history(store.con, pair[0], pair[1], version, since))
+                    lambda store: calibration_history(store.con, pair[0], pair[1], version, self.grid, since))
                 outcomes = await asyncio.to_thread(calibrators.install, pair, version, history)
                 calibrator = calibrators.get(pair)
                 log.info("calibration_warmed", symbol=pair[0], interval=pair[1], model_version=version,
@@ -307,7 +330,7 @@ class ForecastService:
         if not self.calibrators.settings.enabled:
             return None
         try:
-            raw = RawForecast.from_paths(origin_ms, result.last_close, result.close_paths, LEVELS)
+            raw = RawForecast.from_paths(origin_ms, result.last_close, result.close_paths, self.grid)
             return self.calibrators.calibrate(pair, raw)
         except Exception:
             self._calibration_failed(pair, "calibrate")

@@ -460,6 +460,9 @@ class Daemon:
             "model_version": self.forecaster.champion.version if self.forecaster.champion else None,
             "forecast_mae": errors["mae"], "random_walk_mae": errors["mae_random_walk"],
             "direction_accuracy": errors["direction_accuracy"], "scored_steps": errors["scored_steps"],
+            # as subscribers got them (calibrated where published calibrated) and raw
+            **{key: errors[key] for key in ("coverage_80", "coverage_80_raw", "brier_prob_up", "brier_prob_up_raw",
+                                            "calibrated_share")},
             "forecast_latency_ms_p50": float(np.percentile(lat, 50)) if lat else None,
             "loop_lag_ms_p99": self.lag.percentile(99),
             "mqtt_published": self.publisher.published if self.publisher else 0,

@@ -56,7 +56,8 @@ def forecasts_with_outcomes(con: duckdb.DuckDBPyConnection, *, symbol: str | Non
     """Every stored forecast step with the close that followed (`actual`, null while the target is open).
 
     Columns: symbol, interval, model_version, origin_ms, step, last_close, close_<quantile>…, (schema >= 3:
-    close_p10_cal, close_p50_cal, close_p90_cal, prob_up_cal,) prob_up, actual;
+    close_p10_cal, close_p50_cal, close_p90_cal, prob_up_cal, schema >= 4: grid_levels, close_grid,
+    close_grid_cal,) prob_up, actual;
     ordered by pair, model version, origin and step. The one join of forecasts with candles: the ledger and
     the daemon's summary both score from it.
     """
@@ -75,6 +76,8 @@ def forecasts_with_outcomes(con: duckdb.DuckDBPyConnection, *, symbol: str | Non
         calibrated = False
     if calibrated:  # what was published calibrated, beside the raw model output (schema >= 3)
         quantile_columns += ", " + ", ".join(f"f.{column}" for column in CALIBRATED_COLUMNS)
+        if has_grid_columns(con):  # the whole close quantile grid (schema >= 4)
+            quantile_columns += ", " + ", ".join(f"f.{column}" for column in GRID_COLUMNS)
     query = f"""
         SELECT f.symbol, f.interval, f.model_version, epoch_ms(f.origin_time) AS origin_ms, f.step,
                f.last_close, {quantile_columns}, f.prob_up, c.close AS actual
@@ -90,29 +93,29 @@ def forecasts_with_outcomes(con: duckdb.DuckDBPyConnection, *, symbol: str | Non
                          "a kronosd without forecasts (schema < 2): run the daemon with this version first") from exc
 
 
-# Raw close quantile levels the calibrator is warmed from (the stored p10/p50/p90 plus the p05/p95 of schema 3),
-# and the calibrated columns that sit beside the raw ones.
-CALIBRATION_QUANTILES: dict[float, str] = {0.05: "p05", 0.1: "p10", 0.5: "p50", 0.9: "p90", 0.95: "p95"}
+# The raw close p05/p95 of schema 3, beside p10/p50/p90: the 90 % band for readers of the fixed columns.
+BAND_QUANTILES: dict[float, str] = {0.05: "p05", 0.95: "p95"}
 CALIBRATED_COLUMNS = ("close_p10_cal", "close_p50_cal", "close_p90_cal", "prob_up_cal")
+# Schema 4: the close quantile grid per step (levels, raw values, calibrated values or NULL), as DOUBLE[].
+GRID_COLUMNS = ("grid_levels", "close_grid", "close_grid_cal")
 
 
 def calibration_history(con: duckdb.DuckDBPyConnection, symbol: str, interval: str, model_version: str,
-                        since_ms: int | None = None) -> pl.DataFrame:
+                        levels: tuple[float, ...], since_ms: int | None = None) -> pl.DataFrame:
     """One pair's stored forecasts of one model version, as the calibrator is warmed from them: every step with
-    the raw close quantiles of CALIBRATION_QUANTILES, the raw prob_up and the close that followed (`actual`, null
-    while the target is open or not stored). Rows written before schema 3 (no p05/p95) are left out.
+    the raw close quantile grid (`close_grid`, one value per level of `levels`), the raw prob_up and the close that
+    followed (`actual`, null while the target is open or not stored). Rows stored with another grid, or before
+    schema 4 (no grid), are left out: a calibrator works on one grid.
 
-    Columns: origin_ms, step, last_close, close_p05 … close_p95, prob_up, actual; ordered by origin and step.
+    Columns: origin_ms, step, last_close, close_grid (list), prob_up, actual; ordered by origin and step.
     """
-    conditions = ["f.symbol = ?", "f.interval = ?", "f.model_version = ?", "f.close_p05 IS NOT NULL",
-                  "f.close_p95 IS NOT NULL"]
-    params: list[Any] = [symbol, interval, model_version]
+    conditions = ["f.symbol = ?", "f.interval = ?", "f.model_version = ?", "f.grid_levels = ?::DOUBLE[]"]
+    params: list[Any] = [symbol, interval, model_version, [float(level) for level in levels]]
     if since_ms is not None:
         conditions.append("f.origin_time >= make_timestamptz(?::BIGINT * 1000)")
         params.append(int(since_ms))
-    quantile_columns = ", ".join(f"f.close_{name}" for name in CALIBRATION_QUANTILES.values())
     query = f"""
-        SELECT epoch_ms(f.origin_time) AS origin_ms, f.step, f.last_close, {quantile_columns}, f.prob_up,
+        SELECT epoch_ms(f.origin_time) AS origin_ms, f.step, f.last_close, f.close_grid, f.prob_up,
                c.close AS actual
         FROM forecasts f LEFT JOIN candles c
           ON c.symbol = f.symbol AND c.interval = f.interval AND c.open_time = f.target_time
@@ -122,9 +125,18 @@ def calibration_history(con: duckdb.DuckDBPyConnection, symbol: str, interval: s
     return con.sql(query, params=params).pl()
 
 
+def _has_columns(con: duckdb.DuckDBPyConnection, columns: tuple[str, ...]) -> bool:
+    placeholders = ", ".join("?" for _ in columns)
+    found = con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'forecasts' "
+                        f"AND column_name IN ({placeholders})", list(columns)).fetchall()[0][0]
+    return int(found) == len(columns)
+
+
+def has_grid_columns(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the forecasts table has the quantile grid (schema >= 4; a read-only older store has not)."""
+    return _has_columns(con, GRID_COLUMNS)
+
+
 def has_calibrated_columns(con: duckdb.DuckDBPyConnection) -> bool:
     """Whether the forecasts table has the calibrated columns (schema >= 3; a read-only older store has not)."""
-    found = con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'forecasts' "
-                        "AND column_name IN ('close_p10_cal', 'close_p50_cal', 'close_p90_cal', 'prob_up_cal')"
-                        ).fetchall()[0][0]
-    return int(found) == len(CALIBRATED_COLUMNS)
+    return _has_columns(con, CALIBRATED_COLUMNS)

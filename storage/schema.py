@@ -123,6 +123,19 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "ALTER TABLE forecasts ADD COLUMN prob_up_cal DOUBLE",
         ],
     ),
+    (
+        4,
+        "forecasts: the dense close quantile grid per step, raw and calibrated",
+        [
+            # The whole grid (default 5 %...95 % in 5 % steps), so the ledger scores a true CRPS by quantile
+            # decomposition and the calibrator is warmed on every level, not three. The levels are kept per row:
+            # a row stays readable after forecast.quantile_grid changes. close_grid_cal is NULL where the
+            # forecast was published raw.
+            "ALTER TABLE forecasts ADD COLUMN grid_levels DOUBLE[]",
+            "ALTER TABLE forecasts ADD COLUMN close_grid DOUBLE[]",
+            "ALTER TABLE forecasts ADD COLUMN close_grid_cal DOUBLE[]",
+        ],
+    ),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -38,3 +38,13 @@ def reference_case(request) -> ReferenceCase:
 
 def released_config(name: str) -> dict:
     return json.loads((CONFIGS / f"{name}.config.json").read_text())
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A private Mosquitto on a free port (tests/daemon_helpers.Broker), stopped after the test."""
+    from daemon_helpers import Broker
+
+    broker = Broker(tmp_path)
+    yield broker
+    broker.stop()

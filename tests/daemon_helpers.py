@@ -227,3 +227,14 @@ class Daemon:
         self.process.kill()
         self.process.wait(timeout=10)
         self._reader.join(timeout=5)
+
+
+def snapshot_rows(path, query: str) -> list[tuple]:
+    """Rows of `query` on a published snapshot, opened read-only as users do."""
+    import duckdb
+
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return con.execute(query).fetchall()
+    finally:
+        con.close()

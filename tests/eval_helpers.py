@@ -15,50 +15,22 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
+from daemon.forecaster import forecast_rows
 from daemon.market.kline_files import read_kline_file
 from kronos_model import KronosPredictor
 from kronos_model.checkpoint import load_pair
+from storage.forecasts import insert_forecasts
 from storage.store import CandleStore
 
 ROOT = Path(__file__).resolve().parent.parent
 ETH = ROOT / "daemon" / "assets" / "data" / "ETHUSDT_1h.parquet"
 TINY = ROOT / "daemon" / "assets" / "checkpoints" / "tiny-random"
-FEATURES = ("open", "high", "low", "close", "volume", "amount")
-STATS = ("mean", "p10", "p50", "p90")
 
 
 def kronosd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`kronosd` as users run it: a real subprocess."""
     return subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
-
-
-def forecast_rows(symbol: str, interval: str, version: str, origin_ms: int, forecast, samples: int) -> pl.DataFrame:
-    """The `forecasts` rows of one forecast: one per step, times in ms (what the daemon stores)."""
-    table = forecast.to_frame()
-    steps = len(table)
-    data: dict[str, object] = {
-        "symbol": [symbol] * steps, "interval": [interval] * steps, "origin_time": [origin_ms] * steps,
-        "model_version": [version] * steps, "step": list(range(1, steps + 1)),
-        "target_time": [int(pd.Timestamp(t).value // 1_000_000) for t in table.index],
-        "issued_at": [origin_ms + 3_600_000] * steps, "sample_paths": [samples] * steps,
-        "last_close": [forecast.last_close] * steps,
-    }
-    for column in FEATURES:
-        for stat in STATS:
-            data[f"{column}_{stat}"] = table[f"{column}_{stat}"].to_list()
-    data["prob_up"] = table["prob_up"].to_list()
-    return pl.DataFrame(data)
-
-
-def insert_rows(store: CandleStore, rows: pl.DataFrame) -> None:
-    store.con.register("incoming", rows)
-    try:
-        times = {"origin_time", "target_time", "issued_at"}
-        select = ", ".join(f"make_timestamptz({c}::BIGINT * 1000) AS {c}" if c in times else c for c in rows.columns)
-        store.con.execute(f"INSERT INTO forecasts ({', '.join(rows.columns)}) SELECT {select} FROM incoming")
-    finally:
-        store.con.unregister("incoming")
 
 
 def build_forecast_store(path: Path, checkpoint: Path = TINY, candles: int = 300, lookback: int = 48,
@@ -86,9 +58,9 @@ def build_forecast_store(path: Path, checkpoint: Path = TINY, candles: int = 300
         for version, temperature in versions.items():
             forecasts = predictor.forecast_batch(frames, x_times, y_times, horizon, T=temperature,
                                                  sample_count=samples, seed=7)
-            rows = [forecast_rows("ETHUSDT", "1h", version, int(times[e]), f, samples)
+            rows = [forecast_rows(f, "ETHUSDT", "1h", int(times[e]), version, int(times[e]) + step_ms)
                     for e, f in zip(ends, forecasts, strict=True)]
-            insert_rows(store, pl.concat(rows))
+            insert_forecasts(store.con, pl.concat(rows))
     finally:
         store.close()
     return path

@@ -10,7 +10,7 @@ from daemon.config import load_config
 def test_shipped_config_is_valid():
     config = load_config("config.yaml")
     assert config.markets.pairs == [("BTCUSDT", "1h")]
-    assert config.gate.metric == "crps"
+    assert config.gate.metric == "crps_calibrated"
     assert config.mqtt.prefix == "kronos"
 
 

@@ -12,12 +12,12 @@ import polars as pl
 import pytest
 import yaml
 from daemon_helpers import (
-    Broker,
     Daemon,
     NotifySocket,
     Simulator,
     Subscriber,
     daemon_config,
+    snapshot_rows,
     wait_for,
 )
 
@@ -29,25 +29,10 @@ HOUR_MS = 3_600_000
 
 
 @pytest.fixture
-def broker(tmp_path):
-    broker = Broker(tmp_path)
-    yield broker
-    broker.stop()
-
-
-@pytest.fixture
 def simulator():
     sim = Simulator(START, speed=7200)
     yield sim
     sim.close()
-
-
-def snapshot_rows(path, query: str):
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        return con.execute(query).fetchall()
-    finally:
-        con.close()
 
 
 def assert_candles_match_truth(snapshot, symbol: str) -> int:
@@ -175,7 +160,12 @@ def test_forecasts_are_published_calibrated_with_raw_alongside_and_stay_calibrat
         calibrated = wait_for(lambda: [f for f in subscriber.forecasts("BTCUSDT") if f["calibrated"]], 120,
                               what="a calibrated forecast")
         payload = calibrated[0]
-        assert set(payload["raw"]) == {"p10", "p50", "p90", "prob_up"}
+        assert set(payload["raw"]) == {"p10", "p50", "p90", "prob_up", "close_grid"}
+        grid, raw_grid = payload["close_grid"], payload["raw"]["close_grid"]
+        assert grid["levels"] == raw_grid["levels"] and len(grid["levels"]) == 19  # 5 %...95 %
+        assert len(grid["values"]) == 19 and all(len(v) == 6 for v in grid["values"])
+        assert grid["values"][grid["levels"].index(0.1)] == payload["p10"]["close"]  # the grid is what p10 is
+        assert raw_grid["values"][raw_grid["levels"].index(0.9)] == payload["raw"]["p90"]["close"]
         for name in ("p10", "p50", "p90"):
             assert len(payload[name]["close"]) == len(payload["raw"][name]["close"]) == 6
         assert all(p10 <= p50 <= p90 for p10, p50, p90 in zip(payload["p10"]["close"], payload["p50"]["close"],
@@ -188,6 +178,10 @@ def test_forecasts_are_published_calibrated_with_raw_alongside_and_stay_calibrat
         # the other columns are the model's own
         assert len(payload["p10"]["open"]) == 6
         assert daemon.stop() == 0
+        summary = daemon.events("daemon_stopped")[0]  # what `kronosd demo` prints: published and raw scores
+        assert 0 < summary["calibrated_share"] < 1 and summary["scored_steps"] > 0
+        for key in ("coverage_80", "coverage_80_raw", "brier_prob_up", "brier_prob_up_raw"):
+            assert 0 <= summary[key] <= 1
     finally:
         daemon.finish()
     before = len(subscriber.forecasts("BTCUSDT"))
@@ -205,11 +199,14 @@ def test_forecasts_are_published_calibrated_with_raw_alongside_and_stay_calibrat
         subscriber.close()
     rows = snapshot_rows(snapshot, "SELECT count(*), count(close_p10_cal), count(close_p05), "
                                    "count(*) FILTER (WHERE close_p10_cal <= close_p50_cal "
-                                   "AND close_p50_cal <= close_p90_cal AND prob_up_cal BETWEEN 0 AND 1) "
+                                   "AND close_p50_cal <= close_p90_cal AND prob_up_cal BETWEEN 0 AND 1), "
+                                   "count(*) FILTER (WHERE len(close_grid) = 19 AND len(grid_levels) = 19), "
+                                   "count(*) FILTER (WHERE close_grid_cal[2] = close_p10_cal "
+                                   "AND close_grid_cal[18] = close_p90_cal) "
                                    "FROM forecasts WHERE symbol = 'BTCUSDT'")[0]
-    total, calibrated_rows, with_p05, ordered = rows
-    assert with_p05 == total  # the raw p05/p95 the calibrator is warmed from
-    assert 0 < calibrated_rows < total and ordered == calibrated_rows
+    total, calibrated_rows, with_p05, ordered, with_grid, grid_matches = rows
+    assert with_p05 == total and with_grid == total  # the raw grid the calibrator is warmed from
+    assert 0 < calibrated_rows < total and ordered == calibrated_rows == grid_matches
 
 
 def test_continual_finetune_promotes_a_better_challenger_rejects_a_broken_one_and_survives_kill_9(
@@ -230,7 +227,13 @@ def test_continual_finetune_promotes_a_better_challenger_rejects_a_broken_one_an
         lag = daemon.wait_event("finetune_loop_lag", 30)[0]  # measured while the trainer ran; numbers in README
         assert lag["samples"] > 10 and lag["p99_ms"] >= 0
         assert promoted["challenger"]["mae"] < promoted["champion"]["mae"]
+        # the gate compared what would be published (calibrated), and its held-out forecasts warm the new champion
+        assert promoted["comparison"]["metric"] == "crps_calibrated"
+        assert promoted["challenger"]["crps_calibrated"] < promoted["champion"]["crps_calibrated"]
         new_version = promoted["model_version"]
+        warmed = [e for e in daemon.events("calibration_warmed") if e.get("source") == "gate"]
+        assert warmed and warmed[0]["model_version"] == new_version and warmed[0]["symbol"] == "BTCUSDT"
+        assert warmed[0]["forecasts"] == 8 and warmed[0]["outcomes"] > 0
         wait_for(lambda: any(f["model_version"] == new_version for f in subscriber.forecasts("BTCUSDT")), 60,
                  what="a forecast from the promoted model")
         assert subscriber.events("promoted")

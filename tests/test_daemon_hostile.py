@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from daemon_helpers import ROOT, Broker, Daemon, Simulator, Subscriber, daemon_config, wait_for
+from daemon_helpers import ROOT, Daemon, Simulator, Subscriber, daemon_config, wait_for
 from test_daemon_e2e import assert_candles_match_truth, snapshot_rows
 
 from daemon.config import KronosConfig, MqttConfig
@@ -22,13 +22,6 @@ from daemon.simulator.hostile import EXPECTED_REJECTIONS
 from storage.writer import StoreWriter
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT")
-
-
-@pytest.fixture
-def broker(tmp_path):
-    broker = Broker(tmp_path)
-    yield broker
-    broker.stop()
 
 
 def origins_by_pair(subscriber: Subscriber) -> dict[str, list[str]]:

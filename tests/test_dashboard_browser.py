@@ -10,7 +10,7 @@ import time
 
 import pytest
 from browser_helpers import CHROMEDRIVER, CHROMIUM, browser, console_errors
-from daemon_helpers import Broker, Daemon, Simulator, Subscriber, daemon_config, free_port, wait_for
+from daemon_helpers import Daemon, Simulator, Subscriber, daemon_config, free_port, wait_for
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT")
 HORIZON = 6
@@ -36,13 +36,6 @@ return out;
 
 def iso(seconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
-@pytest.fixture
-def broker(tmp_path):
-    broker = Broker(tmp_path)
-    yield broker
-    broker.stop()
 
 
 def test_dashboard_draws_candles_and_fans_and_updates_live(tmp_path, broker):

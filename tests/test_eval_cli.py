@@ -84,3 +84,31 @@ def test_gate_measures_crps_and_compares_with_the_champion_by_dm():
     assert GateComparison("crps", 90.0, 100.0, 0.9, 0.2).passes(require_significance=False)
     with pytest.raises(ValueError, match="metric"):
         first.compare_with(again, "rmse")
+
+
+def test_gate_scores_the_calibrated_forecasts_and_keeps_them_to_warm_a_promoted_model():
+    """tiny-random's raw 80 % band on December 2025 BTCUSDT covers ~4 % of closes; the gate's blocked
+    cross-conformal calibration (the same calibrator the daemon publishes with) brings it near 80 % and lowers
+    the CRPS; its raw held-out forecasts warm a calibrator; pooling two pairs concatenates their origins."""
+    from kronos_model.calibration import CalibrationConfig, OnlineCalibrator
+    from kronos_model.finetune.gate import pool
+
+    held_out = read_candles(BTC).filter(pl.col("timestamps") >= datetime(2025, 11, 1))
+    config = CalibrationConfig(horizon=4, interval_ms=3_600_000)
+    result = evaluate_pair(*load_pair(TINY), held_out, 24, 4, origins=40, sample_count=8, calibration=config)
+    assert len(result.origin_crps_calibrated) == len(result.held_out) == 40
+    assert result.coverage_80 < 0.3 and 0.65 <= result.coverage_80_calibrated <= 0.95
+    assert result.crps_calibrated < result.crps
+    assert "held_out" not in result.to_dict() and math.isfinite(result.to_dict()["crps_calibrated"])
+    assert result.compare_with(result, "crps_calibrated").ratio == pytest.approx(1.0)
+    origins = [forecast.origin_ms for forecast, _ in result.held_out]
+    assert origins == sorted(origins)
+    calibrator = OnlineCalibrator(config)
+    assert calibrator.warm(result.held_out) == 40 * 4 and calibrator.history() == 40
+    pooled = pool([result, result])
+    assert pooled.origins == 80 and pooled.crps_calibrated == pytest.approx(result.crps_calibrated)
+    assert len(pooled.origin_crps_calibrated) == 80 and pooled.held_out == []
+    plain = evaluate_pair(*load_pair(TINY), held_out, 24, 4, origins=8, sample_count=4)
+    assert math.isnan(plain.crps_calibrated) and not plain.origin_crps_calibrated
+    with pytest.raises(ValueError, match="origins"):
+        result.compare_with(plain, "crps_calibrated")

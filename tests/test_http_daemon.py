@@ -13,7 +13,7 @@ import time
 
 import duckdb
 import pytest
-from daemon_helpers import ROOT, Broker, Daemon, NotifySocket, Simulator, Subscriber, daemon_config, free_port, wait_for
+from daemon_helpers import ROOT, Daemon, NotifySocket, Simulator, Subscriber, daemon_config, free_port, wait_for
 from http_helpers import Dashboard, metric_families, read_events, request, sample_value
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
@@ -48,13 +48,6 @@ FAMILIES = {
     "kronosd_input_rejections": "counter",
     "kronosd_subsystem_restarts": "counter",
 }
-
-
-@pytest.fixture
-def broker(tmp_path):
-    broker = Broker(tmp_path)
-    yield broker
-    broker.stop()
 
 
 def scrape(base: str) -> dict:

@@ -158,3 +158,20 @@ def test_a_refused_rest_host_stops_live_ingestion_with_the_reason(tmp_path):
                         await asyncio.wait_for(live.run(), timeout=30)
 
     asyncio.run(scenario())
+
+
+def test_streams_are_grouped_under_binance_s_url_and_stream_limits():
+    """Binance refuses websocket URLs over ~8,004 characters and carries at most 1,024 streams a connection:
+    a thousand 1m pairs need three connections, not one; every pair is streamed exactly once, in order."""
+    from daemon.market.websocket import MAX_STREAMS_PER_CONNECTION, MAX_URL_CHARS, split_pairs, stream_url
+
+    base = "wss://stream.binance.com:9443"
+    pairs = [(f"SYM{i:04d}USDT", "1m") for i in range(1000)]
+    groups = split_pairs(pairs, base)
+    assert [pair for group in groups for pair in group] == pairs
+    assert 2 <= len(groups) <= 4
+    for group in groups:
+        assert len(group) <= MAX_STREAMS_PER_CONNECTION
+        assert len(stream_url(base, [f"{s.lower()}@kline_{i}" for s, i in group])) <= MAX_URL_CHARS
+    assert split_pairs(pairs[:16], base) == [pairs[:16]]  # few pairs: one connection
+    assert split_pairs([("BTCUSDT", "1h")], base) == [[("BTCUSDT", "1h")]]

@@ -96,7 +96,7 @@ def test_gate_rejects_a_corrupt_challenger_and_keeps_the_champion(tmp_path):
             forecaster = ForecastService(writer, config.forecast, config.model, None)
             forecaster.set_champion(champion, *registry.load(champion))
             trainer = ContinualTrainer(writer, config, registry, forecaster, None, tmp_path)
-            outcome = await trainer._gate("run-1", candidate, frame)
+            outcome = await trainer._gate("run-1", candidate, {("BTCUSDT", "1h"): frame})
             events = await writer.run(lambda s: s.con.execute("SELECT kind, details FROM model_events").fetchall())
             return outcome, forecaster.champion.version, events
 

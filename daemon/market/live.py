@@ -83,7 +83,7 @@ class LiveIngestor:
         self.late_closes = 0  # candles fetched through REST because their close event never came
         self.connections: list[CandleStream] = [
             open_stream(group, settings, self._on_row, self._on_connect, self.rejects, self.counters)
-            for group in split_pairs(self.pairs)
+            for group in split_pairs(self.pairs, self.settings.base_url)
         ]
 
     async def run(self) -> None:

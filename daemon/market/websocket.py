@@ -30,6 +30,10 @@ from daemon.market.rejects import Rejection, RejectLog
 log = structlog.get_logger("daemon.market.websocket")
 
 MAX_STREAMS_PER_CONNECTION = 1024
+# Binance refuses a websocket URL longer than about 8,004 characters (measured by unicorn-binance-websocket-api,
+# issue #17): at ~19 characters a kline stream name, a combined URL holds ~400 streams, well before the 1,024
+# streams a connection may carry. Groups are cut to stay below both.
+MAX_URL_CHARS = 8000
 # The websocket library closes a connection (code 1009) on a frame above this; the parser refuses frames
 # far below it, so only absurd ones cost a reconnect.
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -61,8 +65,19 @@ def stream_url(base_url: str, streams: list[str]) -> str:
     return f"{base}/stream?streams={'/'.join(streams)}"
 
 
-def split_pairs(pairs: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
-    return [pairs[i : i + MAX_STREAMS_PER_CONNECTION] for i in range(0, len(pairs), MAX_STREAMS_PER_CONNECTION)]
+def split_pairs(pairs: list[tuple[str, str]], base_url: str) -> list[list[tuple[str, str]]]:
+    """Consecutive groups of `pairs`, one per connection: at most MAX_STREAMS_PER_CONNECTION streams and a
+    combined URL of at most MAX_URL_CHARS characters each. Fewest connections (a connection's pings and pongs
+    count against Binance's 5 incoming messages per second per connection, and reconnect attempts against its
+    300 per 5 minutes per IP)."""
+    groups: list[list[tuple[str, str]]] = []
+    for pair in pairs:
+        if groups and len(groups[-1]) < MAX_STREAMS_PER_CONNECTION and len(
+                stream_url(base_url, [stream_name(*p) for p in (*groups[-1], pair)])) <= MAX_URL_CHARS:
+            groups[-1].append(pair)
+        else:
+            groups.append([pair])
+    return groups
 
 
 class KlineConnection:
