@@ -18,8 +18,8 @@ from market_helpers import BUNDLED, REPO
 
 from storage import views
 from storage.forecasts import forecasts_with_outcomes, has_calibrated_columns, insert_model_event
-from storage.snapshot import SnapshotPublisher, copy_whole_database, open_read_only, parts_dir_for
 from storage.schema import LATEST_VERSION
+from storage.snapshot import SnapshotPublisher, copy_whole_database, open_read_only, parts_dir_for
 from storage.snapshot_layout import FAN_IN, SEALED_ROWS, PartFile, plan_merges
 from storage.store import CandleStore, read_candles, stored_pairs
 from storage.writer import StoreWriter
