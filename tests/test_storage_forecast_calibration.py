@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import duckdb
 import polars as pl
+import pytest
 
+from daemon.ledger import overall_errors
 from storage.candles import candles_from_rows
 from storage.forecasts import (
     CALIBRATED_COLUMNS,
@@ -79,16 +81,22 @@ def test_a_schema_2_store_gains_the_calibrated_columns_and_grid_and_keeps_its_fo
                                                             [96.0, 97.0, 102.0, 105.0, 106.0]],
             "close_grid_cal": [[96.0, 96.5, 102.0, 106.0, 107.0], [94.0, 95.0, 102.0, 107.0, 108.0]]})
         insert_forecasts(con, frame)
-        store.upsert(candles_from_rows([candle(origin + HOUR, 103.0)]))
+        store.upsert(candles_from_rows([candle(origin + HOUR, 104.5)]))  # above the raw p90, inside the calibrated
         history = calibration_history(con, "BTCUSDT", "1h", "v1", GRID)
         assert history["origin_ms"].to_list() == [origin, origin]
         assert history["close_grid"].to_list()[1] == [96.0, 97.0, 102.0, 105.0, 106.0]
-        assert history["actual"].to_list() == [103.0, None]
+        assert history["actual"].to_list() == [104.5, None]
         # stored with another grid: not replayed by a calibrator working on this one
         assert calibration_history(con, "BTCUSDT", "1h", "v1", (0.1, 0.5, 0.9)).is_empty()
         new = forecasts_with_outcomes(con).filter(pl.col("origin_ms") == origin)
         assert new["close_p10_cal"].to_list() == [96.5, 95.0] and new["close_p10"].to_list() == [98.0, 97.0]
         assert new["close_grid_cal"].to_list()[0] == [96.0, 96.5, 102.0, 106.0, 107.0]
         assert new["grid_levels"].to_list()[0] == list(GRID)
+        # the daemon's summary: coverage as published (calibrated where it went out calibrated) and raw
+        errors = overall_errors(con)
+        # three realised steps, all outside their raw band; one was published calibrated, inside its band
+        assert errors["scored_steps"] == 3 and errors["calibrated_share"] == pytest.approx(1 / 3)
+        assert errors["coverage_80"] == pytest.approx(1 / 3) and errors["coverage_80_raw"] == 0.0
+        assert errors["brier_prob_up"] == errors["brier_prob_up_raw"] == 0.25
     finally:
         store.close()
