@@ -8,6 +8,7 @@ ForecastService as the daemon runs it. Through the daemon: tests/test_daemon_e2e
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import polars as pl
@@ -17,7 +18,11 @@ from market_helpers import bundled_book
 
 from daemon.config import KronosConfig
 from daemon.forecaster import ForecastService, PendingForecast
-from daemon.simulator.data import CandleBook
+from daemon.market.live import LiveIngestor
+from daemon.market.rest import BinanceRestClient, RestSettings
+from daemon.market.websocket import StreamSettings
+from daemon.simulator.data import CandleBook, SimClock
+from daemon.simulator.server import ExchangeSimulator
 from daemon.simulator.synthetic import add_synthetic_pairs
 from kronos_model import Kronos, KronosTokenizer
 from kronos_model.finetune.config import TINY_PREDICTOR, TINY_TOKENIZER
@@ -148,3 +153,56 @@ def test_the_loop_forecasts_whatever_is_pending_in_batches_of_batch_size(tmp_pat
 def test_batch_size_is_validated():
     with pytest.raises(ValueError, match="batch_size"):
         config(0)
+
+
+# -- when did the candle close? (the latency measured from the close) ---------------------------------------------
+
+async def closes_seen(tmp_path, speed: float) -> tuple[LiveIngestor, dict[tuple[str, str], list]]:
+    """Live ingestion of two synthetic 1s pairs for ~3 s on a market clock `speed` times real time; every
+    on_stored notification with what the ingestor says about that candle's arrival, and the wall clock then."""
+    now_ms = int(time.time() * 1000) // 1000 * 1000
+    book = CandleBook()
+    pairs = add_synthetic_pairs(book, list(bundled_book()), 2, "1s", now_ms, history_candles=100,
+                                future_candles=20_000, seed=1)
+    simulator = ExchangeSimulator(book, SimClock(now_ms, speed), ws_update_s=0.05, ws_tick_s=0.01)
+    await simulator.start()
+    notified: dict[tuple[str, str], list] = {pair: [] for pair in pairs}
+    try:
+        with StoreWriter(tmp_path / f"live-{speed}.duckdb") as writer:
+            async with BinanceRestClient(RestSettings(base_url=simulator.rest_url, timeout_s=2)) as rest:
+                await rest.sync_time()
+
+                def on_stored(pair, newest):
+                    notified[pair].append((newest, live.close_seen[pair], time.time() * 1000, time.monotonic()))
+
+                live = LiveIngestor(writer, rest, pairs, StreamSettings(base_url=simulator.ws_url),
+                                    initial_start_ms=lambda: now_ms - 100_000, on_stored=on_stored)
+                task = asyncio.create_task(live.run())
+                await asyncio.sleep(3.0)
+                await live.stop()
+                task.cancel()
+    finally:
+        await simulator.stop()
+    return live, notified
+
+
+@pytest.mark.slow
+def test_a_streamed_close_is_placed_on_our_clock_when_the_exchange_clock_runs_at_wall_speed(tmp_path):
+    _, notified = asyncio.run(closes_seen(tmp_path, 1.0))
+    for pair, seen in notified.items():
+        streamed = [(newest, s, wall, mono) for newest, s, wall, mono in seen if s.source == "websocket"]
+        assert len(streamed) >= 2, f"{pair}: closes came through the stream"
+        for newest, close, wall_then, mono_then in streamed:
+            assert close.close_wall_ms is not None
+            received_wall = wall_then - (mono_then - close.received) * 1000
+            # the simulator sends the close on its 10 ms tick after the close: received within ~0.3 s of it
+            assert -50 <= received_wall - close.close_wall_ms <= 300
+            assert close.close_wall_ms - (newest + 1000) < 5_000  # the close itself, not the open
+
+
+@pytest.mark.slow
+def test_an_accelerated_exchange_clock_gives_no_wall_clock_close(tmp_path):
+    _, notified = asyncio.run(closes_seen(tmp_path, 60.0))
+    seen = [s for events in notified.values() for _, s, _, _ in events]
+    assert sum(s.source == "websocket" for s in seen) >= 10  # a minute of 1s candles per second
+    assert all(s.close_wall_ms is None for s in seen if s.source == "websocket")
