@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import duckdb
 import numpy as np
 import polars as pl
 import pytest
 import torch
+from daemon_helpers import Daemon, Simulator, daemon_config
 from market_helpers import bundled_book
 
 from daemon.config import KronosConfig
@@ -206,3 +208,50 @@ def test_an_accelerated_exchange_clock_gives_no_wall_clock_close(tmp_path):
     seen = [s for events in notified.values() for _, s, _, _ in events]
     assert sum(s.source == "websocket" for s in seen) >= 10  # a minute of 1s candles per second
     assert all(s.close_wall_ms is None for s in seen if s.source == "websocket")
+
+
+# -- through the daemon ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_daemon_stores_the_same_forecasts_with_batch_size_1_and_8(tmp_path):
+    """Two `kronosd run` daemons on one simulator (6 synthetic 1s pairs, market clock at wall speed): one
+    forecasts pair by pair, one in batches. Every origin both forecast has the same stored forecast, the
+    batched one did batch, and since the exchange clock runs at wall speed, latency from the close is given."""
+    simulator = Simulator(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), 1.0, "--pairs", "6",
+                          "--pairs-interval", "1s", "--pairs-history", "300", "--pairs-future", "3600")
+    daemons, snapshots = {}, {}
+    try:
+        for batch_size in (1, 8):
+            home = tmp_path / f"batch{batch_size}"
+            home.mkdir()
+            config = daemon_config(home, simulator, 1883, symbols=[f"SYN{i:03d}USDT" for i in range(6)],
+                                   markets={"intervals": ["1s"], "history_days": 0.002},
+                                   forecast={"lookback": 48, "horizon": 6, "sample_paths": 4,
+                                             "batch_size": batch_size}, mqtt={"enabled": False})
+            daemons[batch_size] = Daemon(config)
+            snapshots[batch_size] = home / "state" / "kronos.duckdb"
+        for daemon in daemons.values():
+            daemon.wait_event("forecast_published", 90, count=60)
+        for daemon in daemons.values():
+            assert daemon.stop() == 0
+    finally:
+        for daemon in daemons.values():
+            daemon.finish()
+        simulator.close()
+    rows = {size: pl.read_database("SELECT * FROM forecasts ORDER BY symbol, origin_time, step",
+                                   duckdb.connect(str(path), read_only=True)) for size, path in snapshots.items()}
+    keys = ["symbol", "interval", "origin_time"]
+    common = rows[1].select(keys).unique().join(rows[8].select(keys).unique(), on=keys)
+    assert common.height >= 20 and common["symbol"].n_unique() == 6
+    same = {size: frame.join(common, on=keys).sort(*keys, "step") for size, frame in rows.items()}
+    compared = same[1].drop([c for c in same[1].columns if c.endswith("_cal")])  # calibration state differs by timing
+    assert_same_forecasts(same[8].select(compared.columns), compared)
+    published = daemons[8].events("forecast_published")
+    assert max(line["batch"] for line in published) >= 2  # pairs closing together were batched
+    assert max(line["batch"] for line in daemons[1].events("forecast_published")) == 1
+    live = [line for line in published if line["received_by"] == "websocket"]
+    assert live and all(line["since_close_ms"] is not None for line in live)
+    # since the close = since the closing message arrived + how long after the close it arrived (the simulator
+    # sends it on its next tick); measured from the open instead, it would be a whole second more
+    arrived_after_close = np.median([line["since_close_ms"] - line["latency_ms"] for line in live])
+    assert -250 <= arrived_after_close <= 600
