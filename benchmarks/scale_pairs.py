@@ -16,7 +16,9 @@ every forecast. Reported per N, over the measured ticks:
 Afterwards, with `--store-sizes`, the snapshot's publish time and bytes written against the stored candles
 (benchmarks/snapshot_scale.py, the same numbers docs/storage.md reports).
 
-    python benchmarks/scale_pairs.py [--pairs 1,8,32,100] [--models tiny,small] [--ticks 6]
+With `--batch-sizes 1,16` each case runs once per `forecast.batch_size` (1: pair by pair), side by side.
+
+    python benchmarks/scale_pairs.py [--pairs 1,8,32,100] [--models tiny,small] [--ticks 6] [--batch-sizes 16]
         [--store-sizes 1000000,10000000,30000000] [--mqtt-port 1883]
 """
 
@@ -109,7 +111,8 @@ def histogram_quantile(samples: dict[str, float], name: str, q: float) -> float:
     return next(bound for bound, count in buckets if count >= q * total)
 
 
-async def measure(case: ModelCase, pairs: int, ticks: int, mqtt_port: int, warmup_ticks: int = 2) -> dict:
+async def measure(case: ModelCase, pairs: int, ticks: int, mqtt_port: int, batch_size: int,
+                  warmup_ticks: int = 2) -> dict:
     speed = 60.0 / case.tick_s
     history = case.forecast["lookback"] + 200
     simulator = subprocess.Popen(
@@ -129,7 +132,7 @@ async def measure(case: ModelCase, pairs: int, ticks: int, mqtt_port: int, warmu
             "markets": {"symbols": symbols, "intervals": ["1m"],
                         "history_days": history / 1440},
             "model": {"device": "cpu", "threads": 2, **case.model},
-            "forecast": {**case.forecast, "score_every": 10 * pairs},
+            "forecast": {**case.forecast, "score_every": 10 * pairs, "batch_size": batch_size},
             "finetune": {"enabled": False},
             "mqtt": {"port": mqtt_port, "prefix": prefix},
             "http": {"port": http_port},
@@ -189,7 +192,7 @@ async def measure(case: ModelCase, pairs: int, ticks: int, mqtt_port: int, warmu
     own_sum = sum(v for k, v in own.items() if k.startswith("kronosd_forecast_latency_seconds_sum"))
     own_count = sum(v for k, v in own.items() if k.startswith("kronosd_forecast_latency_seconds_count"))
     return {
-        "pairs": pairs, "ticks": len(origins),
+        "pairs": pairs, "batch": batch_size, "ticks": len(origins),
         "last_p50_s": float(np.percentile(last_pair, 50)), "last_p99_s": float(np.percentile(last_pair, 99)),
         "first_p50_s": float(np.percentile(first_pair, 50)),
         "forecasts_per_s": float(np.median(rates)),
@@ -209,21 +212,24 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,small", help="tiny and/or small")
     parser.add_argument("--ticks", type=int, default=6, help="measured ticks per case (after 2 warm-up ticks)")
     parser.add_argument("--small-pairs", default="1,8,32", help="pair counts for the Kronos-small shape")
+    parser.add_argument("--batch-sizes", default="16", help="comma-separated forecast.batch_size values")
     parser.add_argument("--store-sizes", default="", help="also run benchmarks/snapshot_scale.py at these sizes")
     parser.add_argument("--mqtt-port", type=int, default=1883)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cases = model_cases(kronos_small_dir(Path(tmp)))
         print(f"{os.cpu_count()} CPU cores; 1m pairs closing together; latencies from the candle's close")
-        header = (f"{'model':8} {'pairs':>5} {'ticks':>5} {'last p50 s':>10} {'last p99 s':>10} {'first p50 s':>11} "
+        header = (f"{'model':8} {'pairs':>5} {'batch':>5} {'ticks':>5} {'last p50 s':>10} {'last p99 s':>10} "
+                  f"{'first p50 s':>11} "
                   f"{'fcst/s':>7} {'CPU cores':>9} {'RSS MiB':>8} {'lag p99 ms':>10} {'snapshot s':>10}")
         print(header)
         print("-" * len(header))
         for key in args.models.split(","):
             counts = args.small_pairs if key == "small" else args.pairs
-            for pairs in (int(n) for n in counts.split(",")):
-                r = asyncio.run(measure(cases[key], pairs, args.ticks, args.mqtt_port))
-                print(f"{key:8} {r['pairs']:>5} {r['ticks']:>5} {r['last_p50_s']:>10.2f} {r['last_p99_s']:>10.2f} "
+            for pairs, batch in ((int(n), int(b)) for n in counts.split(",") for b in args.batch_sizes.split(",")):
+                r = asyncio.run(measure(cases[key], pairs, args.ticks, args.mqtt_port, batch))
+                print(f"{key:8} {r['pairs']:>5} {r['batch']:>5} {r['ticks']:>5} {r['last_p50_s']:>10.2f} "
+                      f"{r['last_p99_s']:>10.2f} "
                       f"{r['first_p50_s']:>11.2f} {r['forecasts_per_s']:>7.1f} {r['cpu_cores']:>9.2f} "
                       f"{r['rss_mib']:>8.0f} {r['loop_lag_p99_ms']:>10.0f} {r['snapshot_mean_s']:>10.3f}", flush=True)
     if args.store_sizes:

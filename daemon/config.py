@@ -130,6 +130,7 @@ class ForecastConfig(BaseModel):
     quantile_grid: list[float] = Field(default_factory=lambda: list(DEFAULT_LEVELS),
                                        description="close quantile levels stored per step, scored and calibrated")
     seed: int = 0
+    batch_size: int = Field(16, ge=1, le=1024, description="pairs forecast together in one batched generation")
     score_every: int = Field(24, ge=1, description="publish rolling ledger scores after this many forecasts")
     score_window_days: float = Field(7, gt=0, description="the rolling window of those scores")
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)

@@ -1,11 +1,23 @@
 """A forecast for every closed candle: read the look-back from the store, sample paths off the event loop,
 persist to `forecasts`, publish over MQTT.
 
-The champion (version + predictor) is one attribute read once per forecast, so a hot-swap never changes
-the model under a running forecast: in-flight forecasts finish on the old model. Forecasts run one at a
-time in a worker thread (torch releases the GIL; a single thread keeps the CPU free for ingest and for a
-fine-tune); when candles arrive faster than forecasts, only the newest closed candle of a pair is
-forecast.
+The champion (version + predictor) is one attribute read once per batch, so a hot-swap never changes
+the model under a running forecast: in-flight forecasts finish on the old model. Forecasts run in a worker
+thread (torch releases the GIL; a single thread keeps the CPU free for ingest and for a fine-tune); when
+candles arrive faster than forecasts, only the newest closed candle of a pair is forecast.
+
+Batches: every pair pending when the forecast loop wakes (the pairs and intervals of one tick) is forecast in
+batched generations of up to `forecast.batch_size` pairs: look-backs read in one writer call, one generation,
+one insert, then each pair is published. Each pair keeps its own seed (`seed + origin // interval`) and its
+own random stream (KronosPredictor.forecast_batch), so its forecast is the one it would get alone. A batch
+that fails is forecast again pair by pair, so one bad pair fails alone.
+
+Latency (the `forecast_published` log, /metrics, the summary): `latency_ms` runs from the moment the closing
+candle reached the daemon (the closing kline message, or the REST answer of a resync) to the forecast being
+stored and handed to MQTT; live, the closing message arrives at the close plus the exchange's and the
+network's delay. `since_close_ms` runs from the close itself (open time + interval, exchange time) and is
+given only while the exchange's clock agrees with ours (daemon/market/live.py `CloseSeen`): an accelerated
+simulator clock has no wall-clock close to measure from.
 
 Forecasts only move forward: a candle at or before the newest origin already forecast for its pair (a
 duplicate, a re-sent older close, a candle forecast before a restart) is skipped, so neither the
@@ -27,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -55,6 +67,9 @@ from storage.forecasts import (
 from storage.intervals import format_ms, interval_ms
 from storage.writer import StoreWriter
 
+if TYPE_CHECKING:
+    from daemon.market.live import CloseSeen
+
 log = structlog.get_logger("daemon.forecaster")
 Pair = tuple[str, str]
 
@@ -71,14 +86,54 @@ def build_predictor(tokenizer: KronosTokenizer, model: Kronos, config: ModelConf
     return KronosPredictor(model.to(dtype), tokenizer.to(dtype), device=device, max_context=config.max_context)
 
 
+@dataclass
+class PendingForecast:
+    """A pair's newest closed candle, waiting to be forecast."""
+
+    pair: Pair
+    origin_ms: int
+    noticed: float  # time.monotonic() when its storing was reported
+    seen: CloseSeen | None = None  # how and when the closing candle reached the daemon (live ingestion)
+
+
+def forecast_windows(champion: Champion, windows: list[tuple[pl.DataFrame, int, int]],
+                     config: ForecastConfig) -> list[Forecast]:
+    """Forecast the `config.horizon` candles after each (frame, step_ms, seed) in one batched generation; each
+    frame is a Kronos frame of a look-back, oldest first. Each result equals forecasting its window alone."""
+    futures = []
+    for frame, step_ms, _ in windows:
+        last = int(frame["timestamps"].dt.epoch("ms")[-1])
+        futures.append(pl.from_epoch(pl.Series([last + step_ms * k for k in range(1, config.horizon + 1)]),
+                                     time_unit="ms"))
+    return champion.predictor.forecast_batch(
+        [frame.select(FEATURES) for frame, _, _ in windows], [frame["timestamps"] for frame, _, _ in windows],
+        futures, config.horizon, T=config.temperature, top_k=config.top_k, top_p=config.top_p,
+        sample_count=config.sample_paths, seed=[seed for _, _, seed in windows], quantiles=config.quantiles)
+
+
 def forecast_window(champion: Champion, frame: pl.DataFrame, step_ms: int, config: ForecastConfig,
                     seed: int) -> Forecast:
     """Forecast the `config.horizon` candles after `frame` (a Kronos frame of the look-back, oldest first)."""
-    last = int(frame["timestamps"].dt.epoch("ms")[-1])
-    future = pl.from_epoch(pl.Series([last + step_ms * k for k in range(1, config.horizon + 1)]), time_unit="ms")
-    return champion.predictor.forecast(frame.select(FEATURES), frame["timestamps"], future, config.horizon,
-                                       T=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                                       sample_count=config.sample_paths, seed=seed, quantiles=config.quantiles)
+    return forecast_windows(champion, [(frame, step_ms, seed)], config)[0]
+
+
+def forecast_each(champion: Champion, windows: list[tuple[pl.DataFrame, int, int]],
+                  config: ForecastConfig) -> list[Forecast | Exception]:
+    """`forecast_windows`, and when the batch fails, each window alone (same results), so a window that
+    cannot be forecast fails alone: its place holds the error."""
+    try:
+        return list(forecast_windows(champion, windows, config))
+    except Exception as exc:
+        if len(windows) == 1:
+            return [exc]
+        log.warning("forecast_batch_failed", series=len(windows), error=repr(exc), retry="one by one")
+    results: list[Forecast | Exception] = []
+    for window in windows:
+        try:
+            results.append(forecast_windows(champion, [window], config)[0])
+        except Exception as exc:
+            results.append(exc)
+    return results
 
 
 def target_times_ms(origin_ms: int, interval: str, steps: int) -> list[int]:
@@ -155,19 +210,29 @@ def forecast_payload(result: Forecast, symbol: str, interval: str, origin_ms: in
     return payload
 
 
+def read_lookback(store: Any, pending: PendingForecast, lookback: int) -> pl.DataFrame:
+    """The `lookback` newest stored candles up to the origin; read over twice the look-back in time, so a few
+    missing candles still leave a full window. Runs in the writer thread."""
+    (symbol, interval), step = pending.pair, interval_ms(pending.pair[1])
+    start = pending.origin_ms - 2 * lookback * step
+    return store.read_candles(symbol, interval, start, pending.origin_ms + step).tail(lookback)
+
+
 class ForecastService:
     def __init__(self, writer: StoreWriter, forecast: ForecastConfig, model: ModelConfig,
                  publisher: Publisher | None):
         self.writer, self.forecast_config, self.model_config = writer, forecast, model
         self.publisher = publisher
         self.champion: Champion | None = None
-        self._pending: dict[Pair, tuple[int, float]] = {}
+        self._pending: dict[Pair, PendingForecast] = {}
         self.newest_origin: dict[Pair, int] = {}  # the newest origin forecast (or being forecast) per pair
         self.skipped_stale = 0
         self._wake = asyncio.Event()
         self._scores_due = asyncio.Event()
         self.published = 0
-        self.latencies_ms: list[float] = []
+        self.latencies_ms: list[float] = []  # closing candle received -> forecast handed to MQTT
+        self.since_close_ms: list[float] = []  # candle close -> forecast handed to MQTT (clocks agreeing)
+        self.batches = 0  # batched generations run
         self.latest_scores: list[dict[str, Any]] = []  # the newest rolling ledger scores (/metrics)
         # Called after each forecast is stored and handed to MQTT (dashboard, metrics); must not block.
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -191,31 +256,34 @@ class ForecastService:
         """The newest forecast origin per pair in the store: the floor for every later forecast."""
         self.newest_origin.update(await self.writer.run(lambda store: newest_forecast_origins(store.con)))
 
-    def on_candle(self, pair: Pair, open_time_ms: int) -> None:
-        """Called when closed candles of `pair` were stored; the newest one is forecast."""
+    def on_candle(self, pair: Pair, open_time_ms: int, seen: CloseSeen | None = None) -> None:
+        """Called when closed candles of `pair` were stored; the newest one is forecast. `seen`: how its
+        closing candle reached the daemon (for the latency measured from the close)."""
         if open_time_ms <= self.newest_origin.get(pair, -1):
             self.skipped_stale += 1
             log.info("forecast_skipped", symbol=pair[0], interval=pair[1], origin=open_time_ms,
                      reason="not newer than the newest forecast origin", newest=self.newest_origin[pair])
             return
         current = self._pending.get(pair)
-        if current is None or open_time_ms > current[0]:
-            self._pending[pair] = (open_time_ms, time.monotonic())
+        if current is None or open_time_ms > current.origin_ms:
+            self._pending[pair] = PendingForecast(pair, open_time_ms, time.monotonic(), seen)
             self._wake.set()
 
     async def run(self) -> None:
+        """Forecast whatever is pending, `batch_size` pairs per generation, until nothing is."""
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                pair = next(iter(self._pending))
-                origin, noticed = self._pending.pop(pair)
+                size = self.forecast_config.batch_size
+                batch = [self._pending.pop(pair) for pair in list(self._pending)[:size]]
                 try:
-                    await self.forecast_pair(pair, origin, noticed)
+                    await self.forecast_pairs(batch)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    log.exception("forecast_failed", symbol=pair[0], interval=pair[1], origin=origin)
+                    log.exception("forecast_failed", pairs=[f"{p.pair[0]}/{p.pair[1]}" for p in batch],
+                                  origins=[p.origin_ms for p in batch])
 
     async def score_loop(self) -> None:
         """Rolling ledger scores, off the forecast path: when due, once the forecasts of the current tick are
@@ -255,57 +323,93 @@ class ForecastService:
         return results
 
     async def forecast_pair(self, pair: Pair, origin_ms: int, noticed: float | None = None) -> bool:
-        symbol, interval = pair
-        champion = self.champion  # read once: a swap during this forecast does not affect it
-        if champion is None:
-            return False
-        if origin_ms <= self.newest_origin.get(pair, -1):
-            return False
-        config, step = self.forecast_config, interval_ms(interval)
-        # twice the look-back in time, so a few missing candles still leave a full window
-        start = origin_ms - 2 * config.lookback * step
+        """Forecast one pair's candle at `origin_ms` now (a batch of one)."""
+        pending = PendingForecast(pair, origin_ms, time.monotonic() if noticed is None else noticed)
+        return await self.forecast_pairs([pending]) == 1
+
+    async def forecast_pairs(self, batch: list[PendingForecast]) -> int:
+        """Forecast a batch of pairs in one generation; returns how many forecasts were published."""
+        champion = self.champion  # read once: a swap during this batch does not affect it
+        config = self.forecast_config
+        due = [p for p in batch if p.origin_ms > self.newest_origin.get(p.pair, -1)]
+        if champion is None or not due:
+            return 0
         began = time.monotonic()
-        candles = await self.writer.run(lambda store: store.read_candles(symbol, interval, start, origin_ms + step))
-        candles = candles.tail(config.lookback)
+        windows = await self.writer.run(lambda store: [read_lookback(store, p, config.lookback) for p in due])
         read_done = time.monotonic()
-        if candles.height < config.lookback:
-            log.info("forecast_skipped", symbol=symbol, interval=interval, reason="not enough history",
-                     have=candles.height, need=config.lookback)
-            return False
-        await self._observe(pair, champion.version, origin_ms, candles)  # outcomes first: they precede the origin
-        seed = config.seed + origin_ms // step  # reproducible per origin
-        result = await asyncio.to_thread(forecast_window, champion, candles_to_frame(candles), step, config, seed)
+        ready: list[tuple[PendingForecast, pl.DataFrame]] = []
+        for pending, candles in zip(due, windows, strict=True):
+            if candles.height < config.lookback:
+                log.info("forecast_skipped", symbol=pending.pair[0], interval=pending.pair[1],
+                         reason="not enough history", have=candles.height, need=config.lookback)
+                continue
+            # outcomes first: they precede the origin
+            await self._observe(pending.pair, champion.version, pending.origin_ms, candles)
+            ready.append((pending, candles))
+        if not ready:
+            return 0
+        inputs = []
+        for pending, candles in ready:
+            step = interval_ms(pending.pair[1])
+            inputs.append((candles_to_frame(candles), step, config.seed + pending.origin_ms // step))  # per origin
+        results = await asyncio.to_thread(forecast_each, champion, inputs, config)
+        self.batches += 1
         model_done = time.monotonic()
         issued = int(time.time() * 1000)
-        if origin_ms <= self.newest_origin.get(pair, -1):
-            return False  # a newer origin was forecast while this one ran
-        self.newest_origin[pair] = origin_ms
-        calibrated = self._calibrate(pair, origin_ms, result)
-        published = calibrated if calibrated is not None and calibrated.calibrated else None
-        rows = forecast_rows(result, symbol, interval, origin_ms, champion.version, issued, published, self.grid)
+        done: list[tuple[PendingForecast, Forecast, CalibratedForecast | None, CalibratedForecast | None]] = []
+        for (pending, _), result in zip(ready, results, strict=True):
+            (symbol, interval), origin = pending.pair, pending.origin_ms
+            if isinstance(result, Exception):
+                log.error("forecast_failed", symbol=symbol, interval=interval, origin=origin, error=repr(result))
+                continue
+            if origin <= self.newest_origin.get(pending.pair, -1):
+                continue  # a newer origin was forecast while this one ran
+            self.newest_origin[pending.pair] = origin
+            calibrated = self._calibrate(pending.pair, origin, result)
+            done.append((pending, result, calibrated,
+                         calibrated if calibrated is not None and calibrated.calibrated else None))
+        if not done:
+            return 0
+        rows = pl.concat([forecast_rows(result, *pending.pair, pending.origin_ms, champion.version, issued, published,
+                                        self.grid) for pending, result, _, published in done])
         await self.writer.run(lambda store: insert_forecasts(store.con, rows))
         stored = time.monotonic()
-        summary = self.calibrators.summary(pair) if calibrated is not None else None
-        payload = forecast_payload(result, symbol, interval, origin_ms, champion.version, issued, published, summary,
-                                   self.grid)
+        timings = {"batch": len(ready), "read_ms": round((read_done - began) * 1000, 1),
+                   "model_ms": round((model_done - read_done) * 1000, 1),
+                   "store_ms": round((stored - model_done) * 1000, 1)}
+        for pending, result, calibrated, published in done:
+            self._publish(pending, result, champion.version, issued, calibrated, published, began, timings)
+        return len(done)
+
+    def _publish(self, pending: PendingForecast, result: Forecast, version: str, issued: int,
+                 calibrated: CalibratedForecast | None, published: CalibratedForecast | None, began: float,
+                 timings: dict[str, Any]) -> None:
+        """Hand one stored forecast to MQTT and the listeners; count, measure and log it."""
+        (symbol, interval), origin = pending.pair, pending.origin_ms
+        summary = self.calibrators.summary(pending.pair) if calibrated is not None else None
+        payload = forecast_payload(result, symbol, interval, origin, version, issued, published, summary, self.grid)
         if self.publisher is not None:
-            self.publisher.publish_forecast(symbol, interval, payload, origin_ms=origin_ms)
+            self.publisher.publish_forecast(symbol, interval, payload, origin_ms=origin)
         self.published += 1
-        latency = (time.monotonic() - noticed) * 1000 if noticed else None
-        if latency is not None:
-            self.latencies_ms.append(latency)
+        now, received = time.monotonic(), pending.noticed if pending.seen is None else pending.seen.received
+        latency = (now - received) * 1000
+        self.latencies_ms.append(latency)
+        since_close = None
+        if pending.seen is not None and pending.seen.close_wall_ms is not None:
+            since_close = time.time() * 1000 - pending.seen.close_wall_ms
+            self.since_close_ms.append(since_close)
         for listener in self.listeners:
-            listener({"payload": payload, "latency_s": None if latency is None else latency / 1000,
-                      "model_s": model_done - read_done})
-        if self.published % config.score_every == 0:
+            listener({"payload": payload, "latency_s": latency / 1000,
+                      "since_close_s": None if since_close is None else since_close / 1000,
+                      "model_s": timings["model_ms"] / 1000})
+        if self.published % self.forecast_config.score_every == 0:
             self._scores_due.set()  # scored by score_loop, off the forecast path
-        log.info("forecast_published", symbol=symbol, interval=interval, origin=origin_ms,
-                 model_version=champion.version, latency_ms=None if latency is None else round(latency, 1),
-                 read_ms=round((read_done - began) * 1000, 1), model_ms=round((model_done - read_done) * 1000, 1),
-                 store_ms=round((stored - model_done) * 1000, 1),
+        log.info("forecast_published", symbol=symbol, interval=interval, origin=origin, model_version=version,
+                 latency_ms=round(latency, 1), since_close_ms=None if since_close is None else round(since_close, 1),
+                 received_by=None if pending.seen is None else pending.seen.source,
+                 waited_ms=round((began - received) * 1000, 1), **timings,
                  p50_close_next=round(float(result.close_quantile(0.5)[0]), 2), prob_up_next=float(result.prob_up[0]),
                  calibrated=published is not None)
-        return True
 
     async def _observe(self, pair: Pair, version: str, origin_ms: int, candles: pl.DataFrame) -> None:
         """Warm the pair's calibrator if it has none for this model version, then feed it the closed candles."""

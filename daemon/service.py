@@ -158,7 +158,7 @@ class Daemon:
         return open_writer(self.config)
 
     def _on_stored(self, pair: tuple[str, str], newest_open_time: int) -> None:
-        self.forecaster.on_candle(pair, newest_open_time)
+        self.forecaster.on_candle(pair, newest_open_time, self.ingestor.close_seen.get(pair))
         self.continual.on_candle(pair, newest_open_time)
         if self.hub.clients:
             task = asyncio.get_running_loop().create_task(self._push_candles(pair))
@@ -448,7 +448,7 @@ class Daemon:
     async def summary(self) -> dict[str, Any]:
         total = await self.writer.run(lambda store: store.count_candles())
         errors = await self.writer.run(lambda store: overall_errors(store.con))
-        lat = self.forecaster.latencies_ms
+        lat, since_close = self.forecaster.latencies_ms, self.forecaster.since_close_ms
         ingestor = getattr(self, "ingestor", None)
         return {
             "candles_ingested": int(total - self.started_candles),
@@ -464,6 +464,9 @@ class Daemon:
             **{key: errors[key] for key in ("coverage_80", "coverage_80_raw", "brier_prob_up", "brier_prob_up_raw",
                                             "calibrated_share")},
             "forecast_latency_ms_p50": float(np.percentile(lat, 50)) if lat else None,
+            "forecast_latency_ms_p99": float(np.percentile(lat, 99)) if lat else None,
+            "forecast_since_close_ms_p50": float(np.percentile(since_close, 50)) if since_close else None,
+            "forecast_batches": self.forecaster.batches,
             "loop_lag_ms_p99": self.lag.percentile(99),
             "mqtt_published": self.publisher.published if self.publisher else 0,
             "rejected_inputs": self.rejects.summary(),

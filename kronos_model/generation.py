@@ -17,11 +17,15 @@ What changes is how much is computed:
    where g = generated tokens inside the window, against W x B·S in the original.
 4. The final tokenizer decode shares the look-back prefix the same way.
 
-All S paths of all B series run as one batch.
+All S paths of all B series run as one batch. Sampling can still be per series: with one generator per series
+(`generators`), each series' S rows are drawn from its own generator, so a series forecast inside a batch draws
+exactly what it draws alone with the same seed (the sampling filters are row-wise, so its rows see the same
+probabilities). A single `generator` is one random stream for the whole batch, as before.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +66,25 @@ def sample_tokens(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def sample_per_series(
+    logits: torch.Tensor,
+    paths: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generators: Sequence[torch.Generator] | torch.Generator | None,
+) -> torch.Tensor:
+    """Sample rows (B·S, V) where each consecutive block of `paths` rows is one series: with a sequence of B
+    generators, block b draws from generators[b] alone (what the series would draw in a batch of its own)."""
+    if generators is None or isinstance(generators, torch.Generator) or temperature <= 0 or top_k == 1:
+        return sample_tokens(logits, temperature, top_k, top_p, generators)  # one stream, or greedy (no draws)
+    blocks = logits.split(paths)
+    if len(blocks) != len(generators):
+        raise ValueError(f"{len(generators)} generators for {len(blocks)} series")
+    return torch.cat([sample_tokens(block, temperature, top_k, top_p, generator)
+                      for block, generator in zip(blocks, generators, strict=True)])
+
+
 @dataclass
 class Generated:
     s1: torch.Tensor  # (B, S, P) generated coarse ids
@@ -93,10 +116,13 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 0.9,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     verbose: bool = False,
 ) -> Generated:
-    """Forecast `pred_len` bars for B normalised series x (B, N, d_in), S = sample_count paths each."""
+    """Forecast `pred_len` bars for B normalised series x (B, N, d_in), S = sample_count paths each.
+
+    `generator`: None (torch's global RNG), one generator for the whole batch, or B generators, one per series
+    (each series then samples as it would alone; see the module docstring)."""
     batch, lookback, _ = x.shape
     paths, rows = sample_count, batch * sample_count
     if not 1 <= pred_len <= max_context:
@@ -137,10 +163,10 @@ def generate(
             dep_cache = KVCache(max_context)
             dep_k, dep_v = dep_cache.append(*dep.cross_attn.project_kv(hidden, hidden))
         last = hidden[:, -1:]
-        s1 = sample_tokens(model.head(last[:, 0]), temperature, top_k, top_p, generator)
+        s1 = sample_per_series(model.head(last[:, 0]), paths, temperature, top_k, top_p, generator)
         attn = dep.cross_attn.attend(model.embedding.emb_s1(s1)[:, None], dep_k, dep_v)
         s2_logits = model.head.cond_forward(dep.norm(last + attn))[:, 0]
-        s2 = sample_tokens(s2_logits, temperature, top_k, top_p, generator)
+        s2 = sample_per_series(s2_logits, paths, temperature, top_k, top_p, generator)
         gen_s1[:, i], gen_s2[:, i] = s1, s2
 
     values = decode_forecast(tokenizer, hist_s1, hist_s2, gen_s1, gen_s2, max_context, paths)

@@ -208,12 +208,18 @@ class KronosPredictor:
         top_k: int = 0,
         top_p: float = 0.9,
         sample_count: int = 30,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         quantiles: Sequence[float] = DEFAULT_QUANTILES,
         verbose: bool = False,
     ) -> list[Forecast]:
-        """Forecast several series (same look-back length) in one batched generation."""
-        if not (len(df_list) == len(x_timestamp_list) == len(y_timestamp_list)) or not df_list:
+        """Forecast several series in batched generations, each exactly as `forecast` would alone.
+
+        Every series keeps its own normalisation and look-back and, when seeded, its own random stream: `seed`
+        is one seed for every series or one per series, and a series' paths are the ones `forecast` samples for
+        it with that seed, whatever else is in the batch. Series of different look-back lengths are grouped by
+        length, one generation per length (no padding, so nothing needs masking)."""
+        count = len(df_list)
+        if not (count == len(x_timestamp_list) == len(y_timestamp_list)) or not count:
             raise ValueError("df_list, x_timestamp_list and y_timestamp_list must be non-empty and equally long")
         if sample_count < 1:
             raise ValueError(f"sample_count must be >= 1, got {sample_count}")
@@ -221,33 +227,50 @@ class KronosPredictor:
             raise ValueError(f"need T >= 0, 0 < top_p <= 1 and top_k >= 0; got T={T}, top_p={top_p}, top_k={top_k}")
         if any(not 0 <= q <= 1 for q in quantiles):
             raise ValueError(f"quantiles must lie in [0, 1], got {list(quantiles)}")
+        seeds = self._series_seeds(seed, count)
         prepared = []
         for i, (df, xt, yt) in enumerate(zip(df_list, x_timestamp_list, y_timestamp_list, strict=True)):
-            prepared.append(self._prepare(df, xt, yt, pred_len, f"series {i}: " if len(df_list) > 1 else ""))
-        lengths = {len(p.normed) for p in prepared}
-        if len(lengths) > 1:
-            raise ValueError(f"all series must have the same look-back length, got {sorted(lengths)}")
+            prepared.append(self._prepare(df, xt, yt, pred_len, f"series {i}: " if count > 1 else ""))
+        by_length: dict[int, list[int]] = {}
+        for i, series in enumerate(prepared):
+            by_length.setdefault(len(series.normed), []).append(i)
 
+        self.model.eval()
+        self.tokenizer.eval()
+        results: list[Forecast | None] = [None] * count
+        for members in by_length.values():
+            group = [prepared[i] for i in members]
+            generators = None if seeds is None else [
+                torch.Generator(device=self.device).manual_seed(seeds[i]) for i in members]
+            values = self._generate(group, pred_len, T, top_k, top_p, sample_count, generators, verbose)
+            for i, series, paths in zip(members, group, values, strict=True):
+                denormalised = (paths * (series.std + 1e-5) + series.mean).astype(np.float64)
+                results[i] = Forecast(series.y_index, denormalised, series.last_close, quantile_levels=tuple(quantiles))
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _series_seeds(seed: int | Sequence[int] | None, count: int) -> list[int] | None:
+        if seed is None:
+            return None
+        if isinstance(seed, int | np.integer):
+            return [int(seed)] * count
+        seeds = list(seed)
+        if len(seeds) != count or not all(isinstance(s, int | np.integer) for s in seeds):
+            raise ValueError(f"seed must be an integer or {count} integers (one per series), got {seed!r:.80}")
+        return [int(s) for s in seeds]
+
+    def _generate(self, group: list[_Prepared], pred_len: int, T: float, top_k: int, top_p: float,
+                  sample_count: int, generators: list[torch.Generator] | None, verbose: bool) -> np.ndarray:
+        """One batched generation of series with the same look-back length: normalised paths (B, S, P, 6)."""
         dtype = next(self.tokenizer.parameters()).dtype  # follow a model cast to bf16/fp16
 
         def batch(part: str) -> torch.Tensor:
-            return torch.from_numpy(np.stack([getattr(p, part) for p in prepared])).to(self.device, dtype)
+            return torch.from_numpy(np.stack([getattr(p, part) for p in group])).to(self.device, dtype)
 
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.model.eval()
-        self.tokenizer.eval()
         generated = generate(self.tokenizer, self.model, batch("normed"), batch("x_stamp"), batch("y_stamp"),
-                             self.max_context, pred_len, sample_count, T, top_k, top_p, generator=generator,
+                             self.max_context, pred_len, sample_count, T, top_k, top_p, generator=generators,
                              verbose=verbose)
-        values = generated.values.float().cpu().numpy()  # (B, S, P, 6)
-        results = []
-        for series, paths in zip(prepared, values, strict=True):
-            denormalised = (paths * (series.std + 1e-5) + series.mean).astype(np.float64)
-            results.append(Forecast(series.y_index, denormalised, series.last_close,
-                                    quantile_levels=tuple(quantiles)))
-        return results
+        return generated.values.float().cpu().numpy()
 
     def forecast(self, df, x_timestamp, y_timestamp, pred_len: int, T: float = 1.0, top_k: int = 0,
                  top_p: float = 0.9, sample_count: int = 30, seed: int | None = None,

@@ -32,6 +32,7 @@ FAMILIES = {
     "kronosd_rest_weight_limit": "gauge",
     "kronosd_gaps_backfilled": "counter",
     "kronosd_forecast_latency_seconds": "histogram",
+    "kronosd_forecast_since_close_seconds": "histogram",
     "kronosd_model_inference_seconds": "histogram",
     "kronosd_event_loop_lag_seconds": "histogram",
     "kronosd_mqtt_connected": "gauge",

@@ -175,11 +175,76 @@ def test_bad_input_gets_a_clear_error(predictor, change, message):
         predictor.predict(*change(*args()))
 
 
-def test_batch_with_different_lookbacks_is_rejected(predictor):
-    short = CASE.history.iloc[10:]
-    with pytest.raises(ValueError, match="same look-back length"):
-        predictor.predict_batch([CASE.history, short], [CASE.history.timestamps, short.timestamps],
-                                [CASE.future.timestamps] * 2, 12)
+# -- batched forecasts == one by one ----------------------------------------------------------------------
+
+def priced_like(history: pd.DataFrame, level: float, volume_scale: float) -> pd.DataFrame:
+    """The case's candles at another price level and volume: other normalisation statistics."""
+    other = history.copy()
+    other[["open", "high", "low", "close"]] *= level
+    other[["volume", "amount"]] *= volume_scale
+    return other
+
+
+@pytest.mark.parametrize(("T", "top_p", "top_k"), [(1.0, 0.9, 0), (1.4, 0.6, 0), (0.7, 1.0, 0), (1.0, 0.8, 20)],
+                         ids=["T1-p0.9", "T1.4-p0.6", "T0.7-p1", "top_k20-p0.8"])
+def test_each_series_of_a_batch_is_forecast_as_it_is_alone(predictor, T, top_p, top_k):
+    """Per-series seeds: a series' paths do not depend on what else is in the batch, at any price level."""
+    history = CASE.history
+    frames = [priced_like(history, level, volume)
+              for level, volume in [(1.0, 1.0), (0.003, 50.0), (41_000.0, 0.01), (1.1, 1.0)]]
+    seeds = [7, 123456, 7, 2**40]
+    future = CASE.future.timestamps[:12]
+    batched = predictor.forecast_batch(frames, [history.timestamps] * 4, [future] * 4, 12, T=T, top_k=top_k,
+                                       top_p=top_p, sample_count=5, seed=seeds)
+    for frame, seed, inside in zip(frames, seeds, batched, strict=True):
+        alone = predictor.forecast(frame, history.timestamps, future, 12, T=T, top_k=top_k, top_p=top_p,
+                                   sample_count=5, seed=seed)
+        np.testing.assert_allclose(inside.paths, alone.paths, rtol=1e-6)
+        assert inside.last_close == alone.last_close
+    # the same series with the same seed draws the same paths at another price level; a new seed draws new ones
+    assert np.allclose(batched[2].paths[..., :4] / 41_000.0, batched[0].paths[..., :4], rtol=1e-4)
+    assert not np.allclose(batched[3].paths, batched[0].paths * 1.1, rtol=1e-3)
+
+
+def test_a_batch_of_mixed_lookbacks_is_grouped_and_matches_one_by_one(predictor):
+    history = CASE.history
+    frames = [history, priced_like(history.iloc[16:], 3.0, 2.0), priced_like(history.iloc[40:], 0.5, 1.0),
+              priced_like(history.iloc[16:], 0.9, 1.0)]
+    stamps = [frame.timestamps for frame in frames]
+    future = CASE.future.timestamps[:12]
+    batched = predictor.forecast_batch(frames, stamps, [future] * 4, 12, T=1.0, top_p=0.85, sample_count=4,
+                                       seed=[1, 2, 3, 4])
+    for i, (frame, inside) in enumerate(zip(frames, batched, strict=True)):
+        alone = predictor.forecast(frame, frame.timestamps, future, 12, top_p=0.85, sample_count=4, seed=i + 1)
+        np.testing.assert_allclose(inside.paths, alone.paths, rtol=1e-6)
+    assert len({len(f) for f in frames}) == 3
+
+
+def test_per_series_generators_draw_the_same_token_ids_as_alone():
+    """At the generator: sampled s1/s2 ids equal, decoded values equal, with a sliding window too."""
+    tokenizer, model = small_pair(2)
+    torch.manual_seed(4)
+    batch, lookback, pred_len, max_context, paths = 3, 50, 20, 60, 4
+    x = torch.randn(batch, lookback, 6).clamp(-5, 5) * torch.tensor([0.5, 1.0, 2.0])[:, None, None]
+    stamps = torch.randint(0, 7, (batch, lookback + pred_len, 5)).float()
+    seeds = [5, 6, 5]
+
+    def run(rows: slice, seeds_used: list[int]):
+        return generate(tokenizer, model, x[rows], stamps[rows, :lookback], stamps[rows, lookback:], max_context,
+                        pred_len, paths, 1.0, 0, 0.9, generator=[torch.Generator().manual_seed(s) for s in seeds_used])
+
+    together = run(slice(None), seeds)
+    for b in range(batch):
+        alone = run(slice(b, b + 1), [seeds[b]])
+        assert torch.equal(together.s1[b], alone.s1[0]) and torch.equal(together.s2[b], alone.s2[0])
+        torch.testing.assert_close(together.values[b], alone.values[0], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(together.s1[0], together.s1[1])  # different seeds (and inputs) do draw differently
+
+
+def test_one_seed_per_series_is_checked(predictor):
+    with pytest.raises(ValueError, match="one per series"):
+        predictor.forecast_batch([CASE.history] * 2, [CASE.history.timestamps] * 2, [CASE.future.timestamps] * 2,
+                                 12, seed=[1, 2, 3])
 
 
 def test_reference_fixture_dir_exists():

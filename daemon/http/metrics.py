@@ -37,8 +37,12 @@ class DaemonMetrics:
     def __init__(self, daemon: Daemon):
         self.registry = CollectorRegistry(auto_describe=False)
         self.forecast_latency = Histogram(
-            "kronosd_forecast_latency_seconds", "closed candle noticed -> forecast stored and handed to MQTT",
+            "kronosd_forecast_latency_seconds",
+            "closing candle received (kline message, or REST answer) -> forecast stored and handed to MQTT",
             PAIR, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.since_close = Histogram(
+            "kronosd_forecast_since_close_seconds", "candle close (exchange time) -> forecast handed to MQTT, "
+            "while the exchange clock agrees with ours", PAIR, buckets=LATENCY_BUCKETS, registry=self.registry)
         self.inference = Histogram("kronosd_model_inference_seconds", "sampling the forecast paths (model only)",
                                    PAIR, buckets=LATENCY_BUCKETS, registry=self.registry)
         self.loop_lag = Histogram("kronosd_event_loop_lag_seconds", "how late the event loop wakes a 50 ms ticker",
@@ -57,6 +61,8 @@ class DaemonMetrics:
         self.inference.labels(*labels).observe(record["model_s"])
         if record["latency_s"] is not None:
             self.forecast_latency.labels(*labels).observe(record["latency_s"])
+        if record.get("since_close_s") is not None:
+            self.since_close.labels(*labels).observe(record["since_close_s"])
 
     def on_loop_lag(self, lag_ms: float) -> None:
         self.loop_lag.observe(lag_ms / 1000)

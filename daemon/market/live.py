@@ -10,6 +10,10 @@ Ordering: a pair's `on_stored` only ever moves forward. A closed candle at or be
 already known (a duplicate, a re-sent older close, a late reordered one) is counted and dropped: the
 store already holds it (backfills work from the store, so nothing behind the newest candle is missing).
 
+Arrival (`close_seen`, for the forecast latency measured from the close): for each pair's newest closed
+candle, when it reached the daemon (the closing kline message, or the REST answer of the resync that
+fetched it) and, while the exchange's clock agrees with ours, when it closed on our wall clock.
+
 Isolation: a symbol that stops trading (delisted, BREAK; seen in exchangeInfo, re-read every
 `listing_check_s`, or in a REST refusal) pauses that pair alone, and it resumes with a resync when it
 trades again. A failed resync of one pair is retried with backoff without touching the others. Only what
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -44,6 +50,18 @@ Pair = tuple[str, str]
 # holes the exchange answered with garbage.
 REVISIT_CANDLES = 48
 UNFILLED_RETRIES = 2
+# The stream's event times and the REST-synced clock farther apart than this mean exchange time is not wall
+# time (a simulator's accelerated clock, a clock jump): no wall-clock close can be given then.
+CLOCKS_AGREE_MS = 5_000
+
+
+@dataclass(frozen=True)
+class CloseSeen:
+    """How a pair's newest closed candle reached the daemon."""
+
+    received: float  # time.monotonic() when the closing kline message (or the resync's REST answer) arrived
+    source: str  # "websocket" or "rest"
+    close_wall_ms: int | None  # its close (open time + interval) on our wall clock; None while clocks disagree
 
 
 class LiveIngestor:
@@ -80,11 +98,14 @@ class LiveIngestor:
         self._fatal: BaseException | None = None
         self._storing: set[asyncio.Task] = set()  # submitted stream rows waiting for their transaction
         self._late_handled: dict[Pair, int] = {}
+        self.close_seen: dict[Pair, CloseSeen] = {}  # the newest candle handed to on_stored, per pair
+        self._stream_closes: dict[Pair, tuple[int, CloseSeen]] = {}  # the newest close the stream delivered
         self.late_closes = 0  # candles fetched through REST because their close event never came
         self.connections: list[CandleStream] = [
             open_stream(group, settings, self._on_row, self._on_connect, self.rejects, self.counters)
             for group in split_pairs(self.pairs, self.settings.base_url)
         ]
+        self._connection_of = {pair: connection for connection in self.connections for pair in connection.pairs}
 
     async def run(self) -> None:
         """Run until stop(); re-raises what made ingestion impossible (a ban, a refused host)."""
@@ -122,6 +143,10 @@ class LiveIngestor:
         pair = (row["symbol"], row["interval"])
         if pair not in self.buffers or not row["is_closed"]:
             return
+        newest_seen = self._stream_closes.get(pair)
+        if newest_seen is None or row["open_time"] > newest_seen[0]:
+            self._stream_closes[pair] = (row["open_time"], self._seen(pair, row["open_time"], "websocket",
+                                                                      time.monotonic()))
         if pair in self.paused:
             self.rejects.reject("websocket", Rejection("pair_not_trading", f"{pair}: {self.paused[pair]}"))
             return
@@ -213,13 +238,32 @@ class LiveIngestor:
         self.counters.candles[pair] += rows
         self._notify(pair, newest)
 
-    def _notify(self, pair: Pair, newest: int) -> None:
-        """Tell on_stored about a new newest candle; never about one at or before the last it heard of."""
+    def _notify(self, pair: Pair, newest: int, fetched: float | None = None) -> None:
+        """Tell on_stored about a new newest candle; never about one at or before the last it heard of.
+        `fetched`: when the REST answer holding it arrived, if the stream did not deliver it."""
         if newest <= self.notified.get(pair, -1):
             return
         self.notified[pair] = newest
+        streamed = self._stream_closes.get(pair)
+        if streamed is not None and streamed[0] == newest:
+            self.close_seen[pair] = streamed[1]
+        else:
+            self.close_seen[pair] = self._seen(pair, newest, "rest", fetched or time.monotonic())
         if self.on_stored:
             self.on_stored(pair, newest)
+
+    def _seen(self, pair: Pair, open_time: int, source: str, received: float) -> CloseSeen:
+        """The arrival of a closed candle; its close on our wall clock when the stream's clock (its newest event
+        time, run on at wall speed) and the REST-synced clock agree."""
+        connection = self._connection_of.get(pair)
+        close_wall_ms = None
+        if connection is not None and connection.exchange_time_ms is not None and connection.last_message_at:
+            now = time.monotonic()
+            stream_now = connection.exchange_time_ms + (now - connection.last_message_at) * 1000
+            wall_ms, exchange_now = time.time() * 1000, self.rest.server_now_ms()
+            if abs(stream_now - exchange_now) <= CLOCKS_AGREE_MS:
+                close_wall_ms = int(open_time + interval_ms(pair[1]) - (exchange_now - wall_ms))
+        return CloseSeen(received, source, close_wall_ms)
 
     # -- resynchronisation ----------------------------------------------------------------------
     async def _resync(self, pair: Pair) -> None:
@@ -237,6 +281,7 @@ class LiveIngestor:
                          if last is not None and first is not None else self.initial_start_ms())
                 report = await backfill(self.writer, self.rest, symbol, interval, start, source="rest",
                                         on_rows=lambda rows: self.counters.candles.update({pair: rows}))
+                fetched = time.monotonic()
                 # Up to the first candle the stream is holding too: a lying exchange clock can end the backfill
                 # before candles the stream has already delivered after a hole.
                 held_from = min((row["open_time"] for row in self.buffers[pair] or []), default=report.end_ms)
@@ -285,4 +330,4 @@ class LiveIngestor:
                 await stored  # on_stored below must not hear of candles before they are committed
         if self.last_closed[pair] is not None:
             # The newest candle may have come through REST: whoever follows the stream must still hear of it.
-            self._notify(pair, self.last_closed[pair])
+            self._notify(pair, self.last_closed[pair], fetched)
