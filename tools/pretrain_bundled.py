@@ -185,16 +185,101 @@ def summarise(report: dict[str, Any], path: str) -> dict[str, Any]:
     """The numbers the model card quotes, from `kronosd evaluate`'s report.json."""
     models = report["models"]
     kronos, walk, band = models["kronos"], models["random_walk"], models["vol_band"]
-    origins = report["origins"]
     return {
-        "data": path, "origins": origins["count"], "first_origin": origins["first"], "last_origin": origins["last"],
-        "mae": kronos["mae"], "mae_random_walk": walk["mae"], "mae_ratio": kronos["mae"] / walk["mae"],
+        "data": path, "origins": report["origins"], "stride": report["stride"],
+        "first_origin": report["period"]["first_origin"], "last_target": report["period"]["last_target"],
+        "mae": kronos["mae"], "mae_random_walk": walk["mae"], "mae_ratio_random_walk": kronos["relative_mae"],
+        "dm_pvalue_mae_vs_random_walk": kronos["dm_pvalue_vs_random_walk"],
         "crps": kronos["crps"], "crps_vol_band": band["crps"], "crps_ratio_vol_band": kronos["crps"] / band["crps"],
-        "dm_pvalue_mae_vs_random_walk": kronos.get("dm_mae_vs_random_walk"),
-        "dm_pvalue_crps_vs_vol_band": kronos.get("dm_crps_vs_vol_band"),
-        "coverage_90": kronos.get("coverage_90"), "coverage_90_vol_band": band.get("coverage_90"),
-        "direction_accuracy": kronos.get("direction_accuracy"),
+        "dm_pvalue_crps_vs_vol_band": kronos["dm_crps_vs_vol_band"]["pvalue"],
+        "coverage_90": kronos["coverage_90"], "coverage_90_vol_band": band["coverage_90"],
+        "direction_accuracy": kronos["direction_accuracy"], "verdicts": report["verdicts"]["kronos"],
     }
+
+
+def write_card() -> Path:
+    """README.md of the bundled checkpoint: what it is, what it saw, how it was made, how it did on held-out data."""
+    from kronos_model.checkpoint import MANIFEST
+
+    manifest = json.loads((TARGET / MANIFEST).read_text())
+    config, periods, data = manifest["config"], manifest["periods"], manifest["data"]
+    sizes = {part: sum(p.stat().st_size for p in (TARGET / part).rglob("*")) for part in ("tokenizer", "model")}
+    stages, code = manifest["metrics"], manifest["code"]
+    lines = [
+        "# pretrained-1h: a small Kronos pretrained on the bundled BTCUSDT and ETHUSDT 1h candles",
+        "",
+        "What `kronosd demo` starts from. A from-scratch Kronos (our implementation, hub layout: `tokenizer/`, "
+        "`model/`) of the tiny shape: tokenizer and predictor d_model "
+        f"{config['scratch_predictor']['d_model']}, {config['scratch_predictor']['n_layers']} predictor layers, "
+        f"{config['scratch_tokenizer']['s1_bits']}+{config['scratch_tokenizer']['s2_bits']} code bits; "
+        f"{(sizes['tokenizer'] + sizes['model']) / 2**20:.1f} MB. Trained with look-back {config['lookback_window']} "
+        f"and horizon {config['predict_window']} (windows of {config['lookback_window'] + config['predict_window'] + 1}"
+        " candles, context well under 512).",
+        "",
+        "## Data and periods (the same dates for both series)",
+        "",
+        f"- candles: {data['rows']:,} real Binance spot 1h candles of {' and '.join(data['symbols'])}, "
+        f"{data['first']} to {data['last']} ({data['derived_amounts']:,} `amount` cells derived as volume × mean "
+        "price where the source has no quote volume); files: " + ", ".join(f"`{p}`" for p in data["paths"]),
+        f"- training: {periods['training']['begin']} to {periods['training']['end']} "
+        f"({data['windows']['train']:,} windows; {config['max_train_windows']:,} drawn per epoch, a seeded "
+        "permutation)",
+        f"- validation (chose the best epoch of each stage): {periods['validation']['begin']} to "
+        f"{periods['validation']['end']}",
+        f"- **held out** (never trained or validated on): {periods['held_out']['begin']} to "
+        f"{periods['held_out']['end']}. `kronosd evaluate` excludes [training start, validation end] by itself.",
+        "",
+        "## How it was made",
+        "",
+        f"`{manifest['command']}` (seed {config['seed']}, CPU, 1 torch thread; kronosd {code['kronosd']} at commit "
+        f"{(code['git_commit'] or 'unknown')[:12]}, torch {code['torch']}). "
+        "Stage 1 the tokenizer, stage 2 the predictor on the frozen tokenizer, both with kronosd's trainer "
+        "(`kronos_model.finetune`); the full config is `config` in `manifest.json`.",
+        "",
+        "| stage | best validation loss | best epoch | epochs run | optimizer steps |",
+        "| --- | --- | --- | --- | --- |",
+        *[f"| {name} | {m['best_val_loss']:.4f} | {m['best_epoch']} | {m['epochs_run']} | {m['steps']} |"
+          for name, m in stages.items()],
+        "",
+        "Validation metric: tokenizer = MSE of the full reconstruction (z-scored units); predictor = mean of the "
+        "s1 and s2 cross entropies.",
+        "",
+    ]
+    evaluation = manifest.get("evaluation")
+    if evaluation:
+        settings = evaluation["settings"]
+        lines += [
+            "## Held-out evaluation",
+            "",
+            f"`{evaluation['command']}`: {settings['samples']} sample paths, look-back {settings['lookback']}, "
+            f"horizon {settings['horizon']}, origins {settings['stride']} candles apart, top-p "
+            f"{settings['top_p']}, seed {settings['seed']}.",
+            "",
+            "| series | origins (first) | MAE / random walk (DM p) | CRPS / vol band (DM p) | coverage 90 % "
+            "(vol band) | direction |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for symbol, r in evaluation["results"].items():
+            lines.append(
+                f"| {symbol} | {r['origins']} ({r['first_origin']}) | {r['mae_ratio_random_walk']:.3f} "
+                f"({r['dm_pvalue_mae_vs_random_walk']:.3g}) | {r['crps_ratio_vol_band']:.3f} "
+                f"({r['dm_pvalue_crps_vs_vol_band']:.3g}) | {100 * r['coverage_90']:.1f} % "
+                f"({100 * r['coverage_90_vol_band']:.1f} %) | "
+                + (f"{100 * r['direction_accuracy']:.1f} % |" if r["direction_accuracy"] is not None else "– |"))
+        goals = [f"{symbol}: MAE {r['mae_ratio_random_walk']:.3f}x random walk (goal <= 1.05: "
+                 f"{'met' if r['mae_ratio_random_walk'] <= 1.05 else 'NOT met'}), CRPS "
+                 f"{r['crps_ratio_vol_band']:.3f}x vol band (goal <= 1.05: "
+                 f"{'met' if r['crps_ratio_vol_band'] <= 1.05 else 'NOT met'})"
+                 for symbol, r in evaluation["results"].items()]
+        lines += ["", "Goals: " + "; ".join(goals) + ".", ""]
+        lines += ["Verdicts of `kronosd evaluate` (a win needs p < 0.05):", ""]
+        lines += [f"- {symbol}: " + " ".join(r["verdicts"]) for symbol, r in evaluation["results"].items()]
+        lines.append("")
+    lines += ["A tiny model trained for minutes on one CPU: it shows the daemon working on real weights; it is "
+              "not a trading signal. `kronosd evaluate` measures any checkpoint the same way."]
+    path = TARGET / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,8 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         bundle(best)
     if args.step == "bundle":
         bundle(RUN_DIR / "best")
+    if args.step in ("train", "bundle"):
+        write_card()
     if args.step in ("evaluate", "all"):
         print(json.dumps(evaluate(args.threads), indent=2))
+        write_card()
     return 0
 
 
