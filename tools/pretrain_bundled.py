@@ -117,7 +117,9 @@ def train(overrides: list[str], threads: int) -> Path:
     _check_no_overlap()
     started = time.perf_counter()
     metrics = Trainer(config).run()
-    print(json.dumps({"metrics": metrics, "minutes": round((time.perf_counter() - started) / 60, 1)}, default=str))
+    minutes = round((time.perf_counter() - started) / 60, 1)
+    (RUN_DIR / "wall_minutes.json").write_text(json.dumps(minutes))
+    print(json.dumps({"metrics": metrics, "minutes": minutes}, default=str))
     return Path(config.output_dir) / "best"
 
 
@@ -145,8 +147,18 @@ def bundle(best: Path) -> None:
         "held_out": held_out(manifest),
     }
     manifest["command"] = "python tools/pretrain_bundled.py all"
+    if (RUN_DIR / "wall_minutes.json").exists():
+        manifest["training_wall_minutes"] = json.loads((RUN_DIR / "wall_minutes.json").read_text())
     (TARGET / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     read_manifest(TARGET)  # the copied files still match their hashes
+    copy_training_log(best.parent)
+
+
+def copy_training_log(run: Path) -> None:
+    """The loss curves (train_log.jsonl and the report's PNGs) travel with the checkpoint, for its model card."""
+    (TARGET / "training").mkdir(exist_ok=True)
+    for name in ("train_log.jsonl", "loss_tokenizer.png", "loss_predictor.png"):
+        shutil.copy2(run / name, TARGET / "training" / name)
 
 
 def evaluate(threads: int) -> dict[str, Any]:
@@ -231,7 +243,8 @@ def write_card() -> Path:
         "",
         "## How it was made",
         "",
-        f"`{manifest['command']}` (seed {config['seed']}, CPU, 1 torch thread; kronosd {code['kronosd']} at commit "
+        f"`{manifest['command']}` ({manifest.get('training_wall_minutes', '?')} minutes of training; "
+        f"seed {config['seed']}, CPU, 1 torch thread; kronosd {code['kronosd']} at commit "
         f"{(code['git_commit'] or 'unknown')[:12]}, torch {code['torch']}). "
         "Stage 1 the tokenizer, stage 2 the predictor on the frozen tokenizer, both with kronosd's trainer "
         "(`kronos_model.finetune`); the full config is `config` in `manifest.json`.",
@@ -273,8 +286,10 @@ def write_card() -> Path:
                  for symbol, r in evaluation["results"].items()]
         lines += ["", "Goals: " + "; ".join(goals) + ".", ""]
         lines += ["Verdicts of `kronosd evaluate` (a win needs p < 0.05):", ""]
-        lines += [f"- {symbol}: " + " ".join(r["verdicts"]) for symbol, r in evaluation["results"].items()]
+        lines += [f"- {symbol}: " + "; ".join(r["verdicts"]) for symbol, r in evaluation["results"].items()]
         lines.append("")
+    lines += ["Loss curves: `training/loss_tokenizer.png`, `training/loss_predictor.png`; every logged step and "
+              "validation in `training/train_log.jsonl`.", ""]
     lines += ["A tiny model trained for minutes on one CPU: it shows the daemon working on real weights; it is "
               "not a trading signal. `kronosd evaluate` measures any checkpoint the same way."]
     path = TARGET / "README.md"
