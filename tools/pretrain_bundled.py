@@ -285,6 +285,23 @@ def write_card() -> Path:
                  f"{'met' if r['crps_ratio_vol_band'] <= 1.05 else 'NOT met'})"
                  for symbol, r in evaluation["results"].items()]
         lines += ["", "Goals: " + "; ".join(goals) + ".", ""]
+        if any(r["mae_ratio_random_walk"] > 1.05 or r["crps_ratio_vol_band"] > 1.05
+               for r in evaluation["results"].values()):
+            coverage = ", ".join(f"{100 * r['coverage_90']:.0f} %" for r in evaluation["results"].values())
+            band = ", ".join(f"{100 * r['coverage_90_vol_band']:.0f} %" for r in evaluation["results"].values())
+            lines += [
+                f"Why not: the sampled paths are too narrow (the 90 % interval covers {coverage} of outcomes, the "
+                f"vol band's {band}), which costs CRPS against the vol band; the median path also carries the "
+                "tokenizer's reconstruction error (validation MSE "
+                f"{manifest['metrics']['tokenizer']['best_val_loss']:.3f} in z-scored units, a jump at step 1) and "
+                "the noise of a 30-path median, which cost MAE against the random walk. A tiny model trained for "
+                "half an hour on one CPU thread learns the volatility only roughly.",
+                "",
+            ]
+        for label, results in evaluation.get("variants", {}).items():
+            lines += [f"Same origins with {label}: " + "; ".join(
+                f"{symbol} MAE {r['mae_ratio_random_walk']:.3f}x random walk, CRPS {r['crps_ratio_vol_band']:.3f}x "
+                f"vol band, coverage 90 % {100 * r['coverage_90']:.1f} %" for symbol, r in results.items()) + ".", ""]
         lines += ["Verdicts of `kronosd evaluate` (a win needs p < 0.05):", ""]
         lines += [f"- {symbol}: " + "; ".join(r["verdicts"]) for symbol, r in evaluation["results"].items()]
         lines.append("")
