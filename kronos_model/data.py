@@ -228,11 +228,14 @@ class Splits:
 
 
 def split_by_time(frame: pl.DataFrame, spec: WindowSpec, train_ratio: float = 0.8, val_ratio: float = 0.1,
-                  embargo: int | None = None, require_test: bool = False) -> Splits:
+                  embargo: int | None = None, require_test: bool = False,
+                  ends: tuple[np.datetime64, np.datetime64] | None = None) -> Splits:
     """Chronological train/val/test windows; `embargo` candles (default: the horizon) separate the periods.
 
-    The ratios split the time axis of all candles. An empty train or validation split (or test, when
-    `require_test`) is an error that says how much more data is needed.
+    The ratios split the time axis of all candles; `ends` = (train end, validation end) gives the boundaries as
+    times instead (the same dates for every symbol, e.g. to hold out a stated final period of several series
+    that start at different times). An empty train or validation split (or test, when `require_test`) is an
+    error that says how much more data is needed.
     """
     if not 0 < train_ratio < 1 or not 0 < val_ratio < 1 or train_ratio + val_ratio > 1:
         raise ValueError(f"need 0 < train_ratio, val_ratio and train_ratio + val_ratio <= 1; got {train_ratio}, "
@@ -243,11 +246,16 @@ def split_by_time(frame: pl.DataFrame, spec: WindowSpec, train_ratio: float = 0.
         raise ValueError(f"embargo ({embargo}) must be at least the horizon predict_window ({spec.predict})")
     parts = segments(frame, interval)
     first, last = frame["timestamps"].min(), frame["timestamps"].max()
-    t0 = np.datetime64(first, "ms")
-    span = np.datetime64(last, "ms") + interval - t0
-    steps = span // interval  # boundaries on the candle grid
-    train_end = t0 + interval * int(steps * train_ratio)
-    val_end = t0 + interval * int(steps * (train_ratio + val_ratio))
+    if ends is not None:
+        train_end, val_end = (np.datetime64(end, "ms") for end in ends)
+        if not train_end < val_end:
+            raise ValueError(f"the training period must end before the validation period: {train_end} >= {val_end}")
+    else:
+        t0 = np.datetime64(first, "ms")
+        span = np.datetime64(last, "ms") + interval - t0
+        steps = span // interval  # boundaries on the candle grid
+        train_end = t0 + interval * int(steps * train_ratio)
+        val_end = t0 + interval * int(steps * (train_ratio + val_ratio))
     gap = interval * embargo
     splits = Splits(
         WindowDataset(parts, spec, None, train_end),
@@ -258,6 +266,14 @@ def split_by_time(frame: pl.DataFrame, spec: WindowSpec, train_ratio: float = 0.
     )
     needed = {"train": splits.train, "val": splits.val} | ({"test": splits.test} if require_test else {})
     for name, dataset in needed.items():
+        if not len(dataset) and ends is not None:
+            period = {"train": f"before {train_end}", "val": f"from {train_end + gap} to {val_end}",
+                      "test": f"from {val_end + gap}"}[name]
+            raise ValueError(
+                f"the {name} split has no complete window: a window needs {spec.length} consecutive candles "
+                f"(lookback {spec.lookback} + predict {spec.predict} + 1) {period}; the data has {frame.height} "
+                f"candles ({first} to {last}). Move the split dates or add history."
+            )
         if not len(dataset):
             ratio = {"train": train_ratio, "val": val_ratio, "test": 1 - train_ratio - val_ratio}[name]
             rows = spec.length + (embargo if name != "train" else 0)

@@ -66,6 +66,46 @@ def test_splits_are_chronological_with_an_embargo(btc):
     assert test_first - val_last > np.timedelta64(30, "h")
 
 
+def test_split_dates_hold_out_the_same_final_period_of_series_that_start_at_different_times(btc):
+    eth = read_candles(ETH)  # 2022-09 -> 2024-09, BTC 2023-01 -> 2025-12
+    frame = pl.concat([btc.filter(pl.col("timestamps") < datetime(2024, 9, 1)), eth])
+    spec = WindowSpec(lookback=48, predict=12)
+    ends = (np.datetime64("2024-03-01", "ms"), np.datetime64("2024-06-01", "ms"))
+    splits = split_by_time(frame, spec, embargo=12, require_test=True, ends=ends)
+    assert splits.boundaries["train_end"].startswith("2024-03-01T00:00")
+    assert splits.boundaries["test_begin"].startswith("2024-06-01T12:00")
+    for name, dataset in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
+        for symbol in ("BTCUSDT", "ETHUSDT"):
+            firsts = [dataset.parts[k].times[s] for k, s in dataset.index if dataset.parts[k].symbol == symbol]
+            lasts = [dataset.parts[k].times[s + spec.length - 1] for k, s in dataset.index
+                     if dataset.parts[k].symbol == symbol]
+            assert firsts, f"{symbol} has {name} windows"
+            if name == "train":
+                assert max(lasts) < ends[0]
+            elif name == "val":
+                assert min(firsts) >= ends[0] + np.timedelta64(12, "h") and max(lasts) < ends[1]
+            else:
+                assert min(firsts) >= ends[1] + np.timedelta64(12, "h")
+    with pytest.raises(ValueError, match="must end before"):
+        split_by_time(frame, spec, ends=(ends[1], ends[0]))
+    with pytest.raises(ValueError, match=r"test split has no complete window.*from 2024-09-20"):
+        split_by_time(frame, spec, embargo=12, require_test=True,
+                      ends=(ends[0], np.datetime64("2024-09-20", "ms")))
+
+
+def test_split_dates_in_the_config_go_together_and_in_order():
+    from kronos_model.finetune.config import load_config
+
+    config = load_config(None, ["data_path=x.parquet", "train_end=2025-01-01", "val_end=2025-06-01T00:00Z"])
+    assert config.split_ends == (np.datetime64("2025-01-01", "ms"), np.datetime64("2025-06-01", "ms"))
+    with pytest.raises(ValueError, match="train_end and val_end go together"):
+        load_config(None, ["data_path=x.parquet", "train_end=2025-01-01"])
+    with pytest.raises(ValueError, match="must be before val_end"):
+        load_config(None, ["data_path=x.parquet", "train_end=2025-07-01", "val_end=2025-06-01"])
+    with pytest.raises(ValueError, match="not a UTC date/time"):
+        load_config(None, ["data_path=x.parquet", "train_end=soon", "val_end=2025-06-01"])
+
+
 def test_embargo_shorter_than_the_horizon_is_rejected(btc):
     with pytest.raises(ValueError, match="embargo"):
         split_by_time(btc, WindowSpec(96, 24), embargo=10)

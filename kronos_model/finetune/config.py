@@ -9,9 +9,11 @@ tokenizer), and validation of the predictor conditions s2 on the true s1 so the 
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -36,6 +38,10 @@ class FinetuneConfig(BaseModel):
     clip: float = Field(5.0, gt=0)
     train_ratio: float = Field(0.8, gt=0, lt=1)
     val_ratio: float = Field(0.1, gt=0, lt=1)
+    train_end: str | None = Field(None, description="UTC time the training period ends (with val_end, the splits "
+                                  "are these dates for every symbol instead of the ratios)")
+    val_end: str | None = Field(None, description="UTC time the validation period ends; later candles are the test "
+                                "split, never trained or validated on")
     embargo: int | None = Field(None, ge=0, description="candles between splits; default: predict_window")
     max_train_windows: int | None = Field(None, ge=1, description="windows drawn per epoch (default: all)")
     max_val_windows: int | None = Field(None, ge=1, description="fixed validation subset (default: all)")
@@ -85,8 +91,30 @@ class FinetuneConfig(BaseModel):
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("train_end", "val_end", mode="before")
+    @classmethod
+    def _a_time(cls, value: Any) -> Any:
+        if isinstance(value, date):  # YAML reads 2025-01-01 as a date
+            value = value.isoformat()
+        if value is None:
+            return None
+        try:
+            return str(np.datetime64(str(value).rstrip("Z").replace(" ", "T"), "ms"))
+        except ValueError:
+            raise ValueError(f"{value!r} is not a UTC date/time like 2025-01-01 or 2025-01-01T12:00") from None
+
+    @property
+    def split_ends(self) -> tuple[np.datetime64, np.datetime64] | None:
+        if self.train_end is None:
+            return None
+        return np.datetime64(self.train_end, "ms"), np.datetime64(self.val_end, "ms")
+
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneConfig:
+        if (self.train_end is None) != (self.val_end is None):
+            raise ValueError("train_end and val_end go together (or leave both out to split by the ratios)")
+        if self.train_end is not None and self.train_end >= self.val_end:
+            raise ValueError(f"train_end ({self.train_end}) must be before val_end ({self.val_end})")
         if self.train_ratio + self.val_ratio > 1:
             raise ValueError("train_ratio + val_ratio must be <= 1")
         if self.embargo is not None and self.embargo < self.predict_window:

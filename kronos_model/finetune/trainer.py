@@ -118,7 +118,7 @@ class Trainer:
         self.frame = frame if frame is not None else self._read_data()
         self.spec = WindowSpec(config.lookback_window, config.predict_window, config.clip)
         self.splits: Splits = split_by_time(self.frame, self.spec, config.train_ratio, config.val_ratio,
-                                            config.embargo_candles)
+                                            config.embargo_candles, ends=config.split_ends)
         self.tokenizer, self.model = self._load_models()
         self.progress = Progress()
         self._stop_requested = False
