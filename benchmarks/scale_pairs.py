@@ -214,10 +214,15 @@ def main() -> None:
     parser.add_argument("--small-pairs", default="1,8,32", help="pair counts for the Kronos-small shape")
     parser.add_argument("--batch-sizes", default="16", help="comma-separated forecast.batch_size values")
     parser.add_argument("--store-sizes", default="", help="also run benchmarks/snapshot_scale.py at these sizes")
+    parser.add_argument("--tick-s", action="append", default=[], metavar="MODEL=SECONDS",
+                        help="wall seconds between closes for a model (default tiny=12, small=60); repeatable")
     parser.add_argument("--mqtt-port", type=int, default=1883)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cases = model_cases(kronos_small_dir(Path(tmp)))
+        for item in args.tick_s:
+            key, seconds = item.split("=")
+            cases[key].tick_s = float(seconds)
         print(f"{os.cpu_count()} CPU cores; 1m pairs closing together; latencies from the candle's close")
         header = (f"{'model':8} {'pairs':>5} {'batch':>5} {'ticks':>5} {'last p50 s':>10} {'last p99 s':>10} "
                   f"{'first p50 s':>11} "
