@@ -157,6 +157,25 @@ class _Prepared:
     last_close: float
 
 
+@torch.inference_mode()
+def reconstruction_offset(tokenizer: KronosTokenizer, normed: torch.Tensor, max_context: int,
+                          pred_len: int) -> np.ndarray:
+    """(B, d_in) observed minus reconstructed last look-back candle, in normalised units.
+
+    The model forecasts tokens and the tokenizer decodes them, so a generated path continues from the
+    tokenizer's reconstruction of the look-back, not from the candles themselves; the reconstruction of the
+    last candle is computed over the same window `generation.decode_forecast` decodes (the decoder is causal,
+    so the generated tokens after it do not change it).
+    """
+    lookback = normed.shape[1]
+    window = min(lookback + pred_len, max_context) - pred_len
+    s1, s2 = tokenizer.encode(normed, half=True)
+    if window < 1:  # the decode window holds no look-back: nothing to anchor to
+        return np.zeros((normed.shape[0], normed.shape[2]), dtype=np.float32)
+    reconstructed = tokenizer.decode([s1[:, -window:], s2[:, -window:]], half=True)[:, -1]
+    return (normed[:, -1] - reconstructed).float().cpu().numpy()
+
+
 class KronosPredictor:
     def __init__(
         self,
@@ -211,8 +230,13 @@ class KronosPredictor:
         seed: int | None = None,
         quantiles: Sequence[float] = DEFAULT_QUANTILES,
         verbose: bool = False,
+        anchor: bool = False,
     ) -> list[Forecast]:
-        """Forecast several series (same look-back length) in one batched generation."""
+        """Forecast several series (same look-back length) in one batched generation.
+
+        anchor: shift every path's prices by the tokenizer's reconstruction error of the last look-back candle
+        (see `reconstruction_offset`), so the paths start from the observed candle rather than from the
+        tokenizer's version of it."""
         if not (len(df_list) == len(x_timestamp_list) == len(y_timestamp_list)) or not df_list:
             raise ValueError("df_list, x_timestamp_list and y_timestamp_list must be non-empty and equally long")
         if sample_count < 1:
@@ -242,6 +266,9 @@ class KronosPredictor:
                              self.max_context, pred_len, sample_count, T, top_k, top_p, generator=generator,
                              verbose=verbose)
         values = generated.values.float().cpu().numpy()  # (B, S, P, 6)
+        if anchor:
+            offset = reconstruction_offset(self.tokenizer, batch("normed"), self.max_context, pred_len)
+            values[..., : len(PRICE_COLUMNS)] += offset[:, None, None, : len(PRICE_COLUMNS)]
         results = []
         for series, paths in zip(prepared, values, strict=True):
             denormalised = (paths * (series.std + 1e-5) + series.mean).astype(np.float64)
@@ -251,10 +278,12 @@ class KronosPredictor:
 
     def forecast(self, df, x_timestamp, y_timestamp, pred_len: int, T: float = 1.0, top_k: int = 0,
                  top_p: float = 0.9, sample_count: int = 30, seed: int | None = None,
-                 quantiles: Sequence[float] = DEFAULT_QUANTILES, verbose: bool = False) -> Forecast:
-        """All sample paths of one series, with quantiles and P(close > last close) per step."""
+                 quantiles: Sequence[float] = DEFAULT_QUANTILES, verbose: bool = False,
+                 anchor: bool = False) -> Forecast:
+        """All sample paths of one series, with quantiles and P(close > last close) per step (anchor: see
+        forecast_batch)."""
         return self.forecast_batch([df], [x_timestamp], [y_timestamp], pred_len, T, top_k, top_p, sample_count,
-                                   seed, quantiles, verbose)[0]
+                                   seed, quantiles, verbose, anchor)[0]
 
     # -- the original API ---------------------------------------------------------------------------------
 
