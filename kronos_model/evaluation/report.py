@@ -9,6 +9,7 @@ from typing import Any
 from kronos_model.evaluation import plots
 from kronos_model.evaluation.backtest import BINANCE_SPOT_FEE
 from kronos_model.evaluation.baselines import BASELINE_NAMES
+from kronos_model.evaluation.calibrated import CALIBRATED_SUFFIX
 from kronos_model.evaluation.models import ModelSource
 from kronos_model.evaluation.scoring import (
     SIGNIFICANCE,
@@ -21,7 +22,6 @@ from kronos_model.evaluation.scoring import (
     to_jsonable,
     verdicts,
 )
-from kronos_model.evaluation.calibrated import CALIBRATED_SUFFIX
 from kronos_model.evaluation.walkforward import DEFAULT_BURN_IN, OriginPlan, Series, Settings
 
 PLOT_FILES = {"fans": "fans.png", "error_by_horizon": "error_by_horizon.png", "calibration": "calibration.png",

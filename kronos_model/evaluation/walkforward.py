@@ -21,8 +21,8 @@ import pandas as pd
 import polars as pl
 from tqdm.auto import tqdm
 
-from kronos_model.data import FEATURES, infer_interval
 from kronos_model.calibration import CalibrationConfig
+from kronos_model.data import FEATURES, infer_interval
 from kronos_model.evaluation.baselines import VOL_BAND, all_baselines
 from kronos_model.evaluation.calibrated import CALIBRATED_SUFFIX, CalibrationRun, QuantileGrid, calibrate_sequentially
 from kronos_model.evaluation.models import ExcludedRange, ModelSource
@@ -199,19 +199,23 @@ def plan_origins(series: Series, context: int, settings: Settings, excluded: lis
 
 def plan_burn_in(series: Series, context: int, settings: Settings, excluded: list[ExcludedRange],
                  first_scored: int) -> np.ndarray:
-    """Positions of `settings.burn_in` origins before the first scored one (and so before --start), the same
-    spacing apart, gap-free and outside excluded periods; ValueError if the data does not hold them."""
+    """Positions of `settings.burn_in` origins before the first scored one and before --start when it is given
+    (the scored period is then left to the scored origins), the same spacing apart, gap-free and outside
+    excluded periods; ValueError if the data does not hold them."""
     if settings.burn_in == 0:
         return np.zeros(0, dtype=np.int64)
     spacing = series.interval * settings.step
     usable = _usable(series, context, settings.horizon) & (series.times <= series.times[first_scored] - spacing)
+    if settings.start is not None:
+        usable &= series.times < settings.start
     candidates = np.flatnonzero(usable)
     candidates = candidates[~_inside_excluded(series, candidates, settings.horizon, excluded)]
     picked = candidates[_strided_from_latest(series.times[candidates], settings.burn_in, spacing)]
     if len(picked) < settings.burn_in:
         raise ValueError(
             f"{series.symbol}: the calibration burn-in needs {settings.burn_in} origins before the first scored one "
-            f"({format_time(series.times[first_scored])}), {settings.step} candles apart, but the data holds only "
+            f"({format_time(series.times[first_scored])})" + (" and --start" if settings.start is not None else "")
+            + f", {settings.step} candles apart, but the data holds only "
             f"{len(picked)} (data from {format_time(series.times[0])}); lower --burn-in or --origins, move --start "
             "later or add earlier data")
     return picked
