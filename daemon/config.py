@@ -125,6 +125,8 @@ class ForecastConfig(BaseModel):
     top_k: int = Field(0, ge=0)
     quantiles: list[float] = Field(default_factory=lambda: list(STORED_QUANTILES))
     seed: int = 0
+    anchor: bool = Field(True, description="shift each forecast's paths onto the observed last candle, removing "
+                         "the tokenizer's reconstruction offset (docs/evaluation.md: lower MAE and CRPS)")
     score_every: int = Field(24, ge=1, description="publish rolling ledger scores after this many forecasts")
     score_window_days: float = Field(7, gt=0, description="the rolling window of those scores")
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)

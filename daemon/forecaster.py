@@ -77,7 +77,8 @@ def forecast_window(champion: Champion, frame: pl.DataFrame, step_ms: int, confi
     future = pl.from_epoch(pl.Series([last + step_ms * k for k in range(1, config.horizon + 1)]), time_unit="ms")
     return champion.predictor.forecast(frame.select(FEATURES), frame["timestamps"], future, config.horizon,
                                        T=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                                       sample_count=config.sample_paths, seed=seed, quantiles=config.quantiles)
+                                       sample_count=config.sample_paths, seed=seed, quantiles=config.quantiles,
+                                       anchor=config.anchor)
 
 
 def target_times_ms(origin_ms: int, interval: str, steps: int) -> list[int]:

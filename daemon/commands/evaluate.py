@@ -158,9 +158,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--burn-in", type=int, metavar="ORIGINS",
                         help="origins before the scored ones (before --start) that warm the calibrator, forecast "
                         "but not scored (default with --calibrate: 200)")
-    parser.add_argument("--anchor", action="store_true",
-                        help="shift each forecast's paths onto the observed last candle (removes the tokenizer's "
-                        "reconstruction offset)")
+    parser.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=True,
+                        help="shift each forecast's paths onto the observed last candle, removing the tokenizer's "
+                        "reconstruction offset (default, like the daemon's forecast.anchor); --no-anchor: the raw "
+                        "model output")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=1.0)
