@@ -55,7 +55,7 @@ class Settings:
     device: str | None = None
     # Exclude training periods only for the symbols a checkpoint trained on (default: for every symbol).
     same_symbol_exclusion: bool = False
-    anchor: bool = False  # shift the paths onto the observed last candle (KronosPredictor.forecast_batch)
+    anchor: bool = True  # shift the paths onto the observed last candle (KronosPredictor.forecast_batch)
     calibrate: bool = False  # also report every probabilistic model calibrated (`<name>_calibrated`)
     burn_in: int = 0  # origins before the scored ones that warm the calibrator (forecast, not scored)
     calibration: dict[str, Any] = field(default_factory=dict)  # CalibrationConfig fields besides horizon/interval
