@@ -131,6 +131,8 @@ class ForecastConfig(BaseModel):
                                        description="close quantile levels stored per step, scored and calibrated")
     seed: int = 0
     batch_size: int = Field(16, ge=1, le=1024, description="pairs forecast together in one batched generation")
+    anchor: bool = Field(True, description="shift each forecast's paths onto the observed last candle, removing "
+                         "the tokenizer's reconstruction offset (docs/evaluation.md: lower MAE and CRPS)")
     score_every: int = Field(24, ge=1, description="publish rolling ledger scores after this many forecasts")
     score_window_days: float = Field(7, gt=0, description="the rolling window of those scores")
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)

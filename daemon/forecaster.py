@@ -108,7 +108,8 @@ def forecast_windows(champion: Champion, windows: list[tuple[pl.DataFrame, int, 
     return champion.predictor.forecast_batch(
         [frame.select(FEATURES) for frame, _, _ in windows], [frame["timestamps"] for frame, _, _ in windows],
         futures, config.horizon, T=config.temperature, top_k=config.top_k, top_p=config.top_p,
-        sample_count=config.sample_paths, seed=[seed for _, _, seed in windows], quantiles=config.quantiles)
+        sample_count=config.sample_paths, seed=[seed for _, _, seed in windows], quantiles=config.quantiles,
+        anchor=config.anchor)
 
 
 def forecast_window(champion: Champion, frame: pl.DataFrame, step_ms: int, config: ForecastConfig,

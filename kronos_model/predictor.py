@@ -157,6 +157,25 @@ class _Prepared:
     last_close: float
 
 
+@torch.inference_mode()
+def reconstruction_offset(tokenizer: KronosTokenizer, normed: torch.Tensor, max_context: int,
+                          pred_len: int) -> np.ndarray:
+    """(B, d_in) observed minus reconstructed last look-back candle, in normalised units.
+
+    The model forecasts tokens and the tokenizer decodes them, so a generated path continues from the
+    tokenizer's reconstruction of the look-back, not from the candles themselves; the reconstruction of the
+    last candle is computed over the same window `generation.decode_forecast` decodes (the decoder is causal,
+    so the generated tokens after it do not change it).
+    """
+    lookback = normed.shape[1]
+    window = min(lookback + pred_len, max_context) - pred_len
+    s1, s2 = tokenizer.encode(normed, half=True)
+    if window < 1:  # the decode window holds no look-back: nothing to anchor to
+        return np.zeros((normed.shape[0], normed.shape[2]), dtype=np.float32)
+    reconstructed = tokenizer.decode([s1[:, -window:], s2[:, -window:]], half=True)[:, -1]
+    return (normed[:, -1] - reconstructed).float().cpu().numpy()
+
+
 class KronosPredictor:
     def __init__(
         self,
@@ -211,13 +230,18 @@ class KronosPredictor:
         seed: int | Sequence[int] | None = None,
         quantiles: Sequence[float] = DEFAULT_QUANTILES,
         verbose: bool = False,
+        anchor: bool = False,
     ) -> list[Forecast]:
         """Forecast several series in batched generations, each exactly as `forecast` would alone.
 
         Every series keeps its own normalisation and look-back and, when seeded, its own random stream: `seed`
         is one seed for every series or one per series, and a series' paths are the ones `forecast` samples for
         it with that seed, whatever else is in the batch. Series of different look-back lengths are grouped by
-        length, one generation per length (no padding, so nothing needs masking)."""
+        length, one generation per length (no padding, so nothing needs masking).
+
+        anchor: shift every path's prices by the tokenizer's reconstruction error of the last look-back candle
+        (see `reconstruction_offset`), so the paths start from the observed candle rather than from the
+        tokenizer's version of it."""
         count = len(df_list)
         if not (count == len(x_timestamp_list) == len(y_timestamp_list)) or not count:
             raise ValueError("df_list, x_timestamp_list and y_timestamp_list must be non-empty and equally long")
@@ -242,7 +266,7 @@ class KronosPredictor:
             group = [prepared[i] for i in members]
             generators = None if seeds is None else [
                 torch.Generator(device=self.device).manual_seed(seeds[i]) for i in members]
-            values = self._generate(group, pred_len, T, top_k, top_p, sample_count, generators, verbose)
+            values = self._generate(group, pred_len, T, top_k, top_p, sample_count, generators, verbose, anchor)
             for i, series, paths in zip(members, group, values, strict=True):
                 denormalised = (paths * (series.std + 1e-5) + series.mean).astype(np.float64)
                 results[i] = Forecast(series.y_index, denormalised, series.last_close, quantile_levels=tuple(quantiles))
@@ -260,8 +284,10 @@ class KronosPredictor:
         return [int(s) for s in seeds]
 
     def _generate(self, group: list[_Prepared], pred_len: int, T: float, top_k: int, top_p: float,
-                  sample_count: int, generators: list[torch.Generator] | None, verbose: bool) -> np.ndarray:
-        """One batched generation of series with the same look-back length: normalised paths (B, S, P, 6)."""
+                  sample_count: int, generators: list[torch.Generator] | None, verbose: bool,
+                  anchor: bool = False) -> np.ndarray:
+        """One batched generation of series with the same look-back length: normalised paths (B, S, P, 6),
+        anchored to each series' last candle when `anchor`."""
         dtype = next(self.tokenizer.parameters()).dtype  # follow a model cast to bf16/fp16
 
         def batch(part: str) -> torch.Tensor:
@@ -270,14 +296,20 @@ class KronosPredictor:
         generated = generate(self.tokenizer, self.model, batch("normed"), batch("x_stamp"), batch("y_stamp"),
                              self.max_context, pred_len, sample_count, T, top_k, top_p, generator=generators,
                              verbose=verbose)
-        return generated.values.float().cpu().numpy()
+        values = generated.values.float().cpu().numpy()  # (B, S, P, 6)
+        if anchor:
+            offset = reconstruction_offset(self.tokenizer, batch("normed"), self.max_context, pred_len)
+            values[..., : len(PRICE_COLUMNS)] += offset[:, None, None, : len(PRICE_COLUMNS)]
+        return values
 
     def forecast(self, df, x_timestamp, y_timestamp, pred_len: int, T: float = 1.0, top_k: int = 0,
                  top_p: float = 0.9, sample_count: int = 30, seed: int | None = None,
-                 quantiles: Sequence[float] = DEFAULT_QUANTILES, verbose: bool = False) -> Forecast:
-        """All sample paths of one series, with quantiles and P(close > last close) per step."""
+                 quantiles: Sequence[float] = DEFAULT_QUANTILES, verbose: bool = False,
+                 anchor: bool = False) -> Forecast:
+        """All sample paths of one series, with quantiles and P(close > last close) per step (anchor: see
+        forecast_batch)."""
         return self.forecast_batch([df], [x_timestamp], [y_timestamp], pred_len, T, top_k, top_p, sample_count,
-                                   seed, quantiles, verbose)[0]
+                                   seed, quantiles, verbose, anchor)[0]
 
     # -- the original API ---------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """`kronosd evaluate`: walk-forward evaluation of Kronos checkpoints against baselines on the same origins.
 
 Writes report.json, report.md and PNG plots into --out. Candles come from a file (--data) or the published
-database (--db / the configured store, with --symbol and --interval).
+database (--db / the configured store, with --symbol and --interval). --calibrate adds every probabilistic
+model calibrated by the daemon's online calibrator (configured by forecast.calibration, like the daemon).
 """
 
 from __future__ import annotations
@@ -43,19 +44,46 @@ def _candles_from_store(args: argparse.Namespace) -> tuple[pl.DataFrame, str]:
     return candles_to_frame(stored, str(snapshot)), f"{snapshot} ({args.symbol} {args.interval})"
 
 
+def _calibration_fields(args: argparse.Namespace) -> dict[str, int]:
+    """The daemon's calibrator settings (forecast.calibration of --config / ./config.yaml, else the defaults),
+    so `evaluate --calibrate` measures the calibrator the daemon runs."""
+    from daemon.config import load_config
+
+    settings = load_config(args.config).forecast.calibration
+    return {"min_history": settings.min_history, "window": settings.window}
+
+
 def run(args: argparse.Namespace) -> int:
     # Heavy imports here so `kronosd --help` stays fast.
     from kronos_model.data import read_candles
     from kronos_model.evaluation.models import load_model
     from kronos_model.evaluation.report import build_report, render_markdown, write_report
     from kronos_model.evaluation.scoring import to_jsonable
-    from kronos_model.evaluation.walkforward import Settings, run_walk_forward, series_from_frame
+    from kronos_model.evaluation.walkforward import (
+        DEFAULT_BURN_IN,
+        Settings,
+        resample_series,
+        run_walk_forward,
+        series_from_frame,
+    )
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.burn_in is not None and not args.calibrate:
+        raise ValueError("--burn-in only applies with --calibrate")
     if args.data:
         frame, source = read_candles(Path(args.data)), str(args.data)
     else:
         frame, source = _candles_from_store(args)
     series = series_from_frame(frame, args.symbol)
+    if args.resample:
+        from storage.intervals import grid_offset_ms, interval_ms
+
+        series = resample_series(series, np.timedelta64(interval_ms(args.resample), "ms"),
+                                 grid_offset_ms(args.resample))
+        source += f", resampled to {args.resample}"
 
     sources = [load_model(args.model, tokenizer=args.tokenizer, name="kronos", offline=args.offline)]
     for argument in args.compare or []:
@@ -73,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         start=_timestamp(args.start, "--start"), end=_timestamp(args.end, "--end"),
         batch_size=args.batch_size, max_context=args.max_context, device=args.device,
-        same_symbol_exclusion=args.same_symbol_exclusion,
+        same_symbol_exclusion=args.same_symbol_exclusion, anchor=args.anchor, calibrate=args.calibrate,
+        burn_in=(DEFAULT_BURN_IN if args.burn_in is None else args.burn_in) if args.calibrate else 0,
+        calibration=_calibration_fields(args) if args.calibrate else {},
     )
     progress = (not args.quiet and sys.stderr.isatty()) or args.progress
     walk, plan = run_walk_forward(series, sources, settings, progress=progress)
@@ -120,6 +150,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--same-symbol-exclusion", action="store_true",
                         help="exclude a checkpoint's training/validation period only for the symbols it trained on "
                         "(default: for every symbol, since crypto markets move together)")
+    parser.add_argument("--resample", metavar="INTERVAL", help="aggregate the candles to a longer interval first, "
+                        "e.g. 4h from 1h data (buckets missing a candle are dropped)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="also report every probabilistic model calibrated by the daemon's online calibrator "
+                        "(`<name>_calibrated`), each origin calibrated only on earlier origins' closed outcomes")
+    parser.add_argument("--burn-in", type=int, metavar="ORIGINS",
+                        help="origins before the scored ones (before --start) that warm the calibrator, forecast "
+                        "but not scored (default with --calibrate: 200)")
+    parser.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=True,
+                        help="shift each forecast's paths onto the observed last candle, removing the tokenizer's "
+                        "reconstruction offset (default, like the daemon's forecast.anchor); --no-anchor: the raw "
+                        "model output")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=0.9)

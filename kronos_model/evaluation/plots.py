@@ -13,6 +13,7 @@ import numpy as np
 
 from kronos_model.evaluation.backtest import BacktestResult
 from kronos_model.evaluation.baselines import BASELINE_NAMES, VOL_BAND
+from kronos_model.evaluation.calibrated import CALIBRATED_SUFFIX
 from kronos_model.evaluation.metrics import NOMINAL_COVERAGES
 from kronos_model.evaluation.scoring import WalkForward, format_time
 
@@ -61,20 +62,31 @@ def error_by_horizon(walk: WalkForward, scores: dict[str, dict[str, Any]], path:
     return _save(figure, path)
 
 
-def calibration(scores: dict[str, dict[str, Any]], path: Path) -> Path:
-    """Empirical vs nominal coverage, and PIT histograms of the probabilistic models."""
-    probabilistic = [n for n, s in scores.items() if s["samples"] > 1]
-    figure, axes = plt.subplots(1, 1 + len(probabilistic), figsize=(4.2 * (1 + len(probabilistic)), 3.8),
-                                squeeze=False)
-    coverage_axis = axes[0, 0]
-    nominal = np.array(NOMINAL_COVERAGES)
-    coverage_axis.plot([0, 1], [0, 1], color="grey", linewidth=0.8, label="ideal")
-    for name in probabilistic:
-        observed = [scores[name][f"coverage_{round(n * 100)}"] for n in NOMINAL_COVERAGES]
-        coverage_axis.plot(nominal, observed, marker="o", label=name, **_style(name))
-    coverage_axis.set(title="interval coverage", xlabel="nominal", ylabel="observed", xlim=(0, 1), ylim=(0, 1))
-    coverage_axis.legend(fontsize=8)
-    for axis, name in zip(axes[0, 1:], probabilistic, strict=True):
+def calibration(walk: WalkForward, scores: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Empirical vs nominal coverage of every central band, raw and calibrated side by side (one panel each;
+    the calibrated panel only with --calibrate), and PIT histograms of the sampled models."""
+    probabilistic = [n for n, s in scores.items() if s["samples"] > 1 and n in walk.forecasts]
+    calibrated = [n for n in scores if n.endswith(CALIBRATED_SUFFIX)]
+    panels = [("raw", probabilistic)] + ([("calibrated", calibrated)] if calibrated else [])
+    columns = len(panels) + len(probabilistic)
+    figure, axes = plt.subplots(1, columns, figsize=(4.2 * columns, 3.8), squeeze=False)
+    for axis, (title, names) in zip(axes[0], panels, strict=False):
+        axis.plot([0, 1], [0, 1], color="grey", linewidth=0.8, label="ideal")
+        for index, name in enumerate(names):
+            grid = walk.grid(name)
+            if grid is None:
+                continue
+            nominal = np.array(grid.bands())
+            observed = [((low <= walk.actual) & (walk.actual <= high)).mean() for low, high in map(grid.band, nominal)]
+            colour = f"C{index}"
+            axis.plot(nominal, observed, marker="o", markersize=3, color=colour, label=name, **_style(name))
+            for band in NOMINAL_COVERAGES:  # the headline bands, labelled
+                value = scores[name][f"coverage_{round(band * 100)}"]
+                axis.annotate(f"{value:.2f}", (band, value), fontsize=6, color=colour, xytext=(3, -8),
+                              textcoords="offset points")
+        axis.set(title=f"interval coverage, {title}", xlabel="nominal", ylabel="observed", xlim=(0, 1), ylim=(0, 1))
+        axis.legend(fontsize=7)
+    for axis, name in zip(axes[0, len(panels):], probabilistic, strict=True):
         shares = scores[name]["pit_histogram"]
         axis.bar((np.arange(len(shares)) + 0.5) / len(shares), shares, width=1 / len(shares), edgecolor="white")
         axis.axhline(1 / len(shares), color="grey", linewidth=0.8)

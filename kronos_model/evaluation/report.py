@@ -9,6 +9,7 @@ from typing import Any
 from kronos_model.evaluation import plots
 from kronos_model.evaluation.backtest import BINANCE_SPOT_FEE
 from kronos_model.evaluation.baselines import BASELINE_NAMES
+from kronos_model.evaluation.calibrated import CALIBRATED_SUFFIX
 from kronos_model.evaluation.models import ModelSource
 from kronos_model.evaluation.scoring import (
     SIGNIFICANCE,
@@ -21,7 +22,7 @@ from kronos_model.evaluation.scoring import (
     to_jsonable,
     verdicts,
 )
-from kronos_model.evaluation.walkforward import OriginPlan, Series, Settings
+from kronos_model.evaluation.walkforward import DEFAULT_BURN_IN, OriginPlan, Series, Settings
 
 PLOT_FILES = {"fans": "fans.png", "error_by_horizon": "error_by_horizon.png", "calibration": "calibration.png",
               "equity": "equity.png"}
@@ -30,7 +31,10 @@ PLOT_FILES = {"fans": "fans.png", "error_by_horizon": "error_by_horizon.png", "c
 def build_report(walk: WalkForward, plan: OriginPlan, series: Series, sources: list[ModelSource],
                  settings: Settings, data_source: str, fee: float = BINANCE_SPOT_FEE) -> dict[str, Any]:
     names = [s.name for s in sources] + list(BASELINE_NAMES)
+    # each calibrated forecast right after its raw one
+    names = [n for name in names for n in (name, name + CALIBRATED_SUFFIX) if n in walk.names]
     scores = {name: score_model(walk, name, fee) for name in names}
+    evaluated = [n for name in (s.name for s in sources) for n in (name, name + CALIBRATED_SUFFIX) if n in scores]
     return {
         "symbol": series.symbol,
         "interval": format_interval(series.interval),
@@ -52,10 +56,30 @@ def build_report(walk: WalkForward, plan: OriginPlan, series: Series, sources: l
         "fee_per_side": fee,
         "models": scores,
         "buy_and_hold": buy_and_hold_backtest(walk, fee).to_dict(),
-        "verdicts": {s.name: verdicts(scores, s.name) for s in sources},
+        "verdicts": {name: verdicts(scores, name) for name in evaluated},
+        "calibration": calibration_summary(walk, settings),
         "model_sources": {s.name: s.describe() for s in sources},
         "origin_times": [format_time(t) for t in walk.origin_times],
         "plots": PLOT_FILES,
+    }
+
+
+def calibration_summary(walk: WalkForward, settings: Settings) -> dict[str, Any] | None:
+    """How the --calibrate rows were made: the calibrator, the burn-in (default and used), per model when its
+    scored origins were first calibrated. None without --calibrate."""
+    if walk.calibration is None:
+        return None
+    config = walk.calibration["config"]
+    period = walk.calibration["burn_in_period"]
+    runs = walk.calibration["runs"]
+    return {
+        "method": config.method, "levels": list(config.levels), "min_history": config.min_history,
+        "window": config.window, "burn_in_origins": walk.calibration["burn_in"],
+        "default_burn_in_origins": DEFAULT_BURN_IN,
+        "burn_in_period": [format_time(t) for t in period] if period else None,
+        "models": {name: {"outcomes_before_first_scored": run.outcomes_before_first_scored,
+                          "scored_steps_calibrated": float(run.grid.step_calibrated.mean()),
+                          "counters": run.counters} for name, run in runs.items()},
     }
 
 
@@ -101,7 +125,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_percent(s['coverage_50'])} | {_percent(s['coverage_80'])} | "
                      f"{_percent(s['coverage_90'])} | {_number(s['width_90_pct_of_price'], 3)} | "
                      f"{_number(s['pit_ks'], 3)} | {_number(s['quantile_loss'])} |")
-    lines += _by_step(report, evaluated)
+    lines += _calibrated_section(report)
+    lines += _by_step(report, [name for name in evaluated if not name.endswith(CALIBRATED_SUFFIX)])
     hold = report["buy_and_hold"]
     lines += ["", f"## Long/flat backtest ({100 * report['fee_per_side']:.2f} % fee per side)", "",
               "| strategy | return | Sharpe | max drawdown | hit rate | turnover | time long |",
@@ -144,6 +169,39 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _calibrated_section(report: dict[str, Any]) -> list[str]:
+    """Raw against calibrated, on the same quantile grid, overall and per volatility regime and year."""
+    summary = report.get("calibration")
+    if not summary:
+        return []
+    models = report["models"]
+    period = summary["burn_in_period"]
+    lines = ["", "## Raw vs calibrated (walk-forward, sequential)", "",
+             f"Calibrator: {summary['method']}. Burn-in: {summary['burn_in_origins']} origins "
+             f"(default {summary['default_burn_in_origins']})"
+             + (f" from {period[0]} to {period[1]}" if period else "") + ", forecast and fed to the calibrator but "
+             "not scored; each scored origin is calibrated only on outcomes that had closed by its origin. CRPS and "
+             f"pinball loss here are on the {len(summary['levels'])}-level quantile grid for both rows.", "",
+             "| model | coverage 50 % | coverage 80 % | coverage 90 % | CRPS (grid) | pinball loss | Brier P(up) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    pairs = [name for name in models if name + CALIBRATED_SUFFIX in models]
+    for name in pairs:
+        for row in (name, name + CALIBRATED_SUFFIX):
+            s = models[row]
+            lines.append(f"| {row} | {_percent(s['coverage_50'])} | {_percent(s['coverage_80'])} | "
+                         f"{_percent(s['coverage_90'])} | {_number(s['crps_grid'])} | {_number(s['pinball_loss'])} | "
+                         f"{_number(s['brier_prob_up'], 3)} |")
+    lines += ["", "| model | regime | origins | coverage 80 % | coverage 90 % | CRPS (grid) | Brier P(up) |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in pairs:
+        for row in (name, name + CALIBRATED_SUFFIX):
+            for label, entry in models[row].get("by_regime", {}).items():
+                lines.append(f"| {row} | {label} | {entry['origins']} | {_percent(entry['coverage_80'])} | "
+                             f"{_percent(entry['coverage_90'])} | {_number(entry['crps'])} | "
+                             f"{_number(entry['brier_prob_up'], 3)} |")
+    return lines
+
+
 def _by_step(report: dict[str, Any], evaluated: list[str]) -> list[str]:
     """Per horizon step of each evaluated model: where along the horizon it wins or loses."""
     models = report["models"]
@@ -170,7 +228,7 @@ def write_report(report: dict[str, Any], walk: WalkForward, out: Path) -> list[P
     written = [
         plots.fan_chart(walk, evaluated, out / PLOT_FILES["fans"]),
         plots.error_by_horizon(walk, report["models"], out / PLOT_FILES["error_by_horizon"]),
-        plots.calibration(report["models"], out / PLOT_FILES["calibration"]),
+        plots.calibration(walk, report["models"], out / PLOT_FILES["calibration"]),
         plots.equity_curves(walk, {n: backtest(walk, n, report["fee_per_side"]) for n in report["models"]},
                             buy_and_hold_backtest(walk, report["fee_per_side"]), out / PLOT_FILES["equity"]),
     ]
