@@ -239,7 +239,8 @@ class ContinualTrainer:
                                        sample_count=gate.sample_paths, seed=gate.seed,
                                        max_context=self.config.model.max_context,
                                        device=None if self.config.model.device == "auto" else self.config.model.device,
-                                       calibration=self.forecaster.calibrators.config(key[1]) if calibrate else None)
+                                       calibration=self.forecaster.calibrators.config(key[1]) if calibrate else None,
+                                       anchor=forecast.anchor)
                     for key, frame in gate_frames.items()}
 
         challenger_pairs = await asyncio.to_thread(measure, challenger_pair)

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = KronosPredictor(source.model, source.tokenizer, device=args.device, max_context=args.max_context)
     result = predictor.forecast(history.drop(columns="timestamps"), history["timestamps"], future_times,
                                 args.horizon, T=args.temperature, top_p=args.top_p, sample_count=args.samples,
-                                seed=args.seed, verbose=sys.stderr.isatty())
+                                seed=args.seed, verbose=sys.stderr.isatty(), anchor=args.anchor)
     if args.out:
         # Written before anything is printed, so a closed stdout (`| head`) cannot lose it.
         with open_output(args.out) as stream:
@@ -125,6 +125,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--anchor", action=argparse.BooleanOptionalAction, default=True,
+                        help="start the paths from the observed last candle, not the tokenizer's copy of it, as the "
+                        "daemon does (default; docs/evaluation.md)")
     parser.add_argument("--max-context", type=int, default=512, help="512 for Kronos-small/base, 2048 for mini")
     parser.add_argument("--device", help="cuda, mps or cpu (default: auto)")
     parser.add_argument("--offline", action="store_true", help="only use checkpoints already on disk")

@@ -53,6 +53,9 @@ UNFILLED_RETRIES = 2
 # The stream's event times and the REST-synced clock farther apart than this mean exchange time is not wall
 # time (a simulator's accelerated clock, a clock jump): no wall-clock close can be given then.
 CLOCKS_AGREE_MS = 5_000
+# How long a stream's event times are watched before we trust that the exchange clock runs at wall speed (a
+# simulator's fast clock agrees with the REST-synced one only for its first few milliseconds).
+CLOCK_WATCH_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class LiveIngestor:
             for group in split_pairs(self.pairs, self.settings.base_url)
         ]
         self._connection_of = {pair: connection for connection in self.connections for pair in connection.pairs}
+        self._stream_clock_start: dict[int, tuple[int, float]] = {}  # per connection: first (event time, monotonic)
 
     async def run(self) -> None:
         """Run until stop(); re-raises what made ingestion impossible (a ban, a refused host)."""
@@ -258,10 +262,15 @@ class LiveIngestor:
         connection = self._connection_of.get(pair)
         close_wall_ms = None
         if connection is not None and connection.exchange_time_ms is not None and connection.last_message_at:
+            first_time, first_at = self._stream_clock_start.setdefault(
+                id(connection), (connection.exchange_time_ms, connection.last_message_at))
+            watched_s = connection.last_message_at - first_at
+            at_wall_speed = watched_s >= CLOCK_WATCH_S and abs(
+                (connection.exchange_time_ms - first_time) - watched_s * 1000) <= CLOCKS_AGREE_MS
             now = time.monotonic()
             stream_now = connection.exchange_time_ms + (now - connection.last_message_at) * 1000
             wall_ms, exchange_now = time.time() * 1000, self.rest.server_now_ms()
-            if abs(stream_now - exchange_now) <= CLOCKS_AGREE_MS:
+            if at_wall_speed and abs(stream_now - exchange_now) <= CLOCKS_AGREE_MS:
                 close_wall_ms = int(open_time + interval_ms(pair[1]) - (exchange_now - wall_ms))
         return CloseSeen(received, source, close_wall_ms)
 

@@ -113,11 +113,11 @@ class GateComparison:
 def evaluate_pair(tokenizer: KronosTokenizer, model: Kronos, frame: pl.DataFrame, lookback: int, horizon: int,
                   origins: int = 16, sample_count: int = 8, seed: int = 0, max_context: int = 512,
                   device: str | None = None, top_p: float = 0.9, batch_size: int = 16,
-                  calibration: CalibrationConfig | None = None) -> GateResult:
+                  calibration: CalibrationConfig | None = None, anchor: bool = False) -> GateResult:
     """Evaluate a pair on a normalised candle frame (see kronos_model.data.read_candles / normalise_frame).
 
     With `calibration` (its horizon and candle length those of the frame), the calibrated forecasts are scored
-    too (see the module docstring)."""
+    too (see the module docstring). `anchor`: forecast as the daemon publishes (KronosPredictor.forecast_batch)."""
     spec = WindowSpec(lookback, horizon)
     windows = WindowDataset(segments(frame), spec)
     if not len(windows):
@@ -156,7 +156,8 @@ def evaluate_pair(tokenizer: KronosTokenizer, model: Kronos, frame: pl.DataFrame
     for start in range(0, len(picks), batch_size):
         chunk = slice(start, start + batch_size)
         forecasts += predictor.forecast_batch(histories[chunk], x_times[chunk], y_times[chunk], horizon,
-                                              sample_count=sample_count, top_p=top_p, seed=seed + start)
+                                              sample_count=sample_count, top_p=top_p, seed=seed + start,
+                                              anchor=anchor)
     median = np.stack([f.close_quantile(0.5) for f in forecasts])
     actual_arr, last_arr = np.stack(actual), np.asarray(last)[:, None]
     # (origins, horizon, samples) sampled closes, samples last as the metric expects
