@@ -1,5 +1,5 @@
-"""What makes a training step cheaper without changing what is learned: cached predictor targets and the choice
-of bf16 autocast.
+"""What makes a training step cheaper without changing what is learned: cached predictor targets, bf16 autocast
+and torch.compile, each chosen where it measured faster (benchmarks/train_throughput.py).
 
 - The predictor stage trains against the frozen tokenizer's codes. They never change during the stage, so
   `TokenCache` encodes each window once (the first time it is drawn, in the batch it is drawn in: the very
@@ -9,10 +9,16 @@ of bf16 autocast.
   benchmarks/train_throughput.py measured CPU autocast at 0.19-0.46x of fp32 for the 64-wide demo model and
   above 1 for the 256/512-wide Kronos-Tokenizer-base and Kronos-small. Weights, gradients and optimizer
   state stay fp32 (autocast casts per op).
+- torch.compile (`compile: auto`) fuses the elementwise work around the matmuls (dropout, RMSNorm, rotary,
+  SwiGLU, the attention softmax that dropout keeps off the fused kernel), which is about half of a
+  Kronos-small step on a CPU. Compiling takes minutes, so `auto` compiles only wide modules in stages of at
+  least COMPILE_MIN_STEPS optimizer steps. Compiled dropout draws other random numbers than eager dropout (the
+  same distribution): such a run's loss curve equals the eager one within noise, not bit for bit.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -24,6 +30,9 @@ Ids = tuple[torch.Tensor, torch.Tensor]  # (s1, s2)
 
 # Narrowest d_model for which CPU bf16 autocast is chosen by `bf16: auto` (the demo model is 64 wide).
 CPU_BF16_MIN_WIDTH = 256
+# `compile: auto` compiles modules at least this wide in stages of at least this many optimizer steps.
+COMPILE_MIN_WIDTH = 256
+COMPILE_MIN_STEPS = 100
 
 
 @cache
@@ -45,6 +54,15 @@ def use_bf16(setting: Literal["auto"] | bool, device: str, width: int) -> bool:
     if device.startswith("cuda"):
         return True
     return device == "cpu" and width >= CPU_BF16_MIN_WIDTH and cpu_has_native_bf16()
+
+
+def use_compile(setting: Literal["auto"] | bool, width: int, steps: int) -> bool:
+    """Whether a stage's training forward is compiled: as configured, or (auto) when it is wide and long enough
+    for the minutes of compiling to pay off."""
+    if setting != "auto":
+        return bool(setting)
+    has_compiler = any(shutil.which(name) for name in ("g++", "c++", "clang++"))  # inductor builds C++ on a CPU
+    return width >= COMPILE_MIN_WIDTH and steps >= COMPILE_MIN_STEPS and has_compiler
 
 
 class TokenCache:

@@ -72,6 +72,9 @@ class FinetuneConfig(BaseModel):
     bf16: Literal["auto"] | bool = Field(
         "auto", description="bf16 autocast: auto = on CUDA, and on a CPU with native bf16 for modules at least 256 "
         "wide (kronos_model/finetune/acceleration.py); true/false force it on/off")
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="torch.compile the training forward: auto = for modules at least 256 wide when the "
+        "stage runs at least 100 optimizer steps (compiling takes minutes); true/false force it on/off")
     token_cache: bool = Field(True, description="predictor stage: encode each window with the frozen tokenizer "
                               "once and reuse its ids (identical targets)")
     token_cache_mb: int = Field(2048, ge=0, description="largest token cache per split; beyond it, encode per batch")

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from kronos_model.checkpoint import code_version, load_state, recover, write_checkpoint
 from kronos_model.data import Splits, WindowSpec, read_candles, split_by_time
-from kronos_model.finetune.acceleration import TokenCache, use_bf16
+from kronos_model.finetune.acceleration import TokenCache, use_bf16, use_compile
 from kronos_model.finetune.config import SCRATCH, FinetuneConfig
 from kronos_model.hub import load_weights
 from kronos_model.model import Kronos, KronosTokenizer, check_pair
@@ -329,7 +329,6 @@ class Trainer:
         frozen = self.model if stage == "tokenizer" else self.tokenizer
         frozen.eval().requires_grad_(False)
         module.requires_grad_(True)
-        trainable = DistributedDataParallel(module) if dist.is_initialized() else module
         lr = cfg.tokenizer_learning_rate if stage == "tokenizer" else cfg.learning_rate
         clip = cfg.tokenizer_grad_clip if stage == "tokenizer" else cfg.predictor_grad_clip
         epochs = cfg.stage_epochs(stage)
@@ -338,6 +337,10 @@ class Trainer:
         if stage == "predictor":
             self._start_token_caches()
         steps_per_epoch = math.ceil(len(self._epoch_batches(0)) / cfg.accumulation_steps)
+        compiled = use_compile(cfg.compile, width, epochs * steps_per_epoch)
+        trainable = DistributedDataParallel(module) if dist.is_initialized() else module
+        if compiled:  # the training forward only; validation runs the eager module in eval mode
+            trainable = torch.compile(trainable)
         optimizer = torch.optim.AdamW(module.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch,
@@ -350,7 +353,7 @@ class Trainer:
             p.best_val, p.best_epoch, p.bad_epochs = math.inf, -1, 0
         log.info("stage_start", stage=stage, epochs=epochs, steps_per_epoch=steps_per_epoch, lr=lr,
                  train_windows=len(self.splits.train), val_windows=len(self.splits.val), world_size=self.world,
-                 bf16=self._bf16, token_cache=sorted(self._token_caches))
+                 bf16=self._bf16, compile=compiled, token_cache=sorted(self._token_caches))
 
         while p.epoch < epochs:
             module.train()
@@ -387,7 +390,7 @@ class Trainer:
                 if p.step % cfg.log_interval == 0:
                     rate = seen / max(time.perf_counter() - started, 1e-9)
                     self._record(stage=stage, epoch=p.epoch + 1, step=p.step, lr=scheduler.get_last_lr()[0],
-                                 loss=value, windows_per_s=round(rate, 2), **extra)
+                                 loss=value, windows_per_s=round(rate, 4), **extra)
                 if cfg.checkpoint_every_steps and p.step % cfg.checkpoint_every_steps == 0:
                     self._save("last", optimizer, scheduler)
                 if self._should_stop():
