@@ -62,13 +62,12 @@ def run_case(config: Path, changes: dict, stage: str, steps: int, device: str
                        "progress": False, "skip_tokenizer": stage == "predictor",
                        "skip_predictor": stage == "tokenizer", "resume": False})
         if stage == "predictor":  # skip_tokenizer needs a real base tokenizer: save a scratch one first
-            from kronos_model import KronosTokenizer
-
-            tokenizer_dir = Path(tmp) / "base-tokenizer"
-            from kronos_model.finetune.config import TINY_TOKENIZER
-
             import torch
 
+            from kronos_model import KronosTokenizer
+            from kronos_model.finetune.config import TINY_TOKENIZER
+
+            tokenizer_dir = Path(tmp) / "base-tokenizer"
             torch.manual_seed(0)  # the same base tokenizer, so the same targets, for every run of a case
             KronosTokenizer(**values.get("scratch_tokenizer", TINY_TOKENIZER)).save_pretrained(tokenizer_dir)
             values["tokenizer_id"] = str(tokenizer_dir)

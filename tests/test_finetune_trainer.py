@@ -266,3 +266,28 @@ def test_bf16_auto_picks_fp32_for_narrow_models_and_bf16_where_it_pays():
     assert use_bf16("auto", "cpu", CPU_BF16_MIN_WIDTH) == cpu_has_native_bf16()
     assert use_bf16("auto", "cuda:0", 64)
     assert not use_bf16(False, "cuda", 512) and use_bf16(True, "cpu", 64)
+
+
+def test_compile_auto_only_for_wide_modules_in_long_stages():
+    from kronos_model.finetune.acceleration import COMPILE_MIN_STEPS, use_compile
+
+    assert not use_compile("auto", 64, 10_000)  # the demo model: minutes of compiling for little gain
+    assert not use_compile("auto", 512, COMPILE_MIN_STEPS - 1)  # too short to pay the compile back
+    assert use_compile(True, 64, 1) and not use_compile(False, 512, 10_000)
+
+
+def test_compiled_training_follows_the_eager_loss_curve(tmp_path):
+    """compile=true on the dropout-free tiny model: the same losses as eager up to float rounding."""
+    config = write_config(tmp_path, epochs=1, max_train_windows=48)
+    runs = {}
+    for compiled in (True, False):
+        out = tmp_path / f"compile-{compiled}"
+        rc, err = finish(finetune(config, f"output_dir={out}", f"compile={compiled}"), timeout=900)
+        assert rc == 0, err
+        starts = [json.loads(line) for line in err.splitlines() if '"stage_start"' in line]
+        assert [s["compile"] for s in starts] == [compiled, compiled]
+        runs[compiled] = [r for r in log_records(out) if "loss" in r or "val_loss" in r]
+    assert [(r["stage"], r["step"]) for r in runs[True]] == [(r["stage"], r["step"]) for r in runs[False]]
+    for a, b in zip(runs[True], runs[False], strict=True):
+        key = "loss" if "loss" in a else "val_loss"
+        assert a[key] == pytest.approx(b[key], rel=1e-3)
