@@ -1,14 +1,20 @@
 """Fine-tuning throughput: the trainer against a bare fp32 step of the same modules, per stage and shape.
 
-Each case runs the real trainer (`python -m kronos_model.finetune`, its defaults) in its own process for a
-fixed number of steps on the bundled BTCUSDT data and reads windows/s from its train_log.jsonl; peak memory is
-the child's max RSS. Next to it: the trainer with bf16 off, and, in this process, a bare step of the same
-modules on a batch of the same shape (fp32 forward, backward, AdamW step: the original Kronos training math
-with no trainer around it) and the ratio trainer / bare. Last, the demo case is trained twice, with and
-without bf16, and the largest relative difference of their logged losses printed (equal loss curves). The
-trainer uses bf16 on CUDA only; on a CPU both of those runs are fp32.
+Each case runs the real trainer (`python -m kronos_model.finetune`) in its own process for a fixed number of
+steps on the bundled BTCUSDT data, twice: with its defaults (bf16: auto, token_cache, compile as the case
+says) and as the plain fp32 eager loop (bf16, compile and token_cache off). Its steady rate is the windows/s
+after the first step (which carries the compiling, printed as "1st step s"), read from train_log.jsonl; peak
+memory is the child's max RSS. Next to it, in this process, a bare step of the same modules on a batch of the
+same shape (fp32 forward, backward, AdamW step: the original Kronos training math with no trainer around it,
+the predictor re-encoding its targets every step as the original does; measured before and after the trainer
+runs, averaged), the ratios trainer / bare and trainer / plain, and the
+largest relative difference between the two trainer runs' logged losses (equal loss curves: same data, same
+seed; bf16 rounding and compiled dropout's other random numbers are the only differences).
 
-    python benchmarks/train_throughput.py [--device cuda] [--steps 12] [--no-bf16]
+The Kronos-small case forces compile=true: a real run of that shape has far more than the 100 steps from which
+`compile: auto` compiles, but this benchmark runs only a few.
+
+    OMP_NUM_THREADS=2 python benchmarks/train_throughput.py [--device cuda] [--steps 12] [--cases demo,small]
 """
 
 from __future__ import annotations
@@ -32,33 +38,38 @@ def released(name: str) -> dict:
 
 
 CASES = {
-    "demo (tiny, window 109)": {"config": ROOT / "configs" / "finetune-demo.yaml", "changes": {}},
-    "Kronos-small shape (window 561)": {
+    "demo": {"name": "demo (tiny, window 109)", "config": ROOT / "configs" / "finetune-demo.yaml", "changes": {}},
+    "small": {
+        "name": "Kronos-small shape (window 561)",
         "config": ROOT / "configs" / "finetune-demo.yaml",
         "changes": {"scratch_predictor": released("Kronos-small"),
                     "scratch_tokenizer": released("Kronos-Tokenizer-base"),
-                    "lookback_window": 512, "predict_window": 48, "batch_size": 8},
+                    "lookback_window": 512, "predict_window": 48, "batch_size": 8, "compile": True},
     },
 }
+PLAIN = {"bf16": False, "compile": False, "token_cache": False}  # the trainer's loop as it was: fp32, eager
 
 
-def run_case(config: Path, changes: dict, stage: str, steps: int, device: str,
-             bf16: bool) -> tuple[float, float, list[float]]:
+def run_case(config: Path, changes: dict, stage: str, steps: int, device: str
+             ) -> tuple[float, float, float, list[float]]:
+    """(steady windows/s after the first step, first step seconds, peak RSS MB, logged losses)"""
     values = yaml.safe_load(config.read_text())
     batch = changes.get("batch_size", values.get("batch_size", 32))
     with tempfile.TemporaryDirectory() as tmp:
         values.update(changes)
         values.update({"data_path": str(ROOT / values["data_path"]), "output_dir": tmp, "epochs": 1,
                        "tokenizer_epochs": 1, "predictor_epochs": 1, "max_train_windows": batch * steps,
-                       "max_val_windows": batch, "log_interval": 1, "device": device, "bf16": bf16,
+                       "max_val_windows": batch, "log_interval": 1, "device": device,
                        "progress": False, "skip_tokenizer": stage == "predictor",
                        "skip_predictor": stage == "tokenizer", "resume": False})
         if stage == "predictor":  # skip_tokenizer needs a real base tokenizer: save a scratch one first
-            from kronos_model import KronosTokenizer
+            import torch
 
-            tokenizer_dir = Path(tmp) / "base-tokenizer"
+            from kronos_model import KronosTokenizer
             from kronos_model.finetune.config import TINY_TOKENIZER
 
+            tokenizer_dir = Path(tmp) / "base-tokenizer"
+            torch.manual_seed(0)  # the same base tokenizer, so the same targets, for every run of a case
             KronosTokenizer(**values.get("scratch_tokenizer", TINY_TOKENIZER)).save_pretrained(tokenizer_dir)
             values["tokenizer_id"] = str(tokenizer_dir)
         path = Path(tmp) / "config.yaml"
@@ -70,10 +81,12 @@ def run_case(config: Path, changes: dict, stage: str, steps: int, device: str,
         if child.returncode != 0:
             raise RuntimeError(f"{stage} run failed: {child.stderr.read()[-2000:]}")
         records = [json.loads(line) for line in (Path(tmp) / "train_log.jsonl").read_text().splitlines()]
-        rates = [r["windows_per_s"] for r in records if "windows_per_s" in r]
-        losses = [r["loss"] for r in records if r.get("loss") is not None and r.get("stage") == stage]
-        # the first steps include warm-up; report the rate over the whole epoch, as logged at its end
-        return rates[-1], usage.ru_maxrss / 1024, losses
+        steps_logged = [r for r in records if "windows_per_s" in r]
+        losses = [r["loss"] for r in steps_logged]
+        # windows_per_s is the epoch's rate so far: seen / elapsed, so elapsed = seen / rate at every step
+        elapsed = [batch * (i + 1) / r["windows_per_s"] for i, r in enumerate(steps_logged)]
+        steady = batch * (len(elapsed) - 1) / (elapsed[-1] - elapsed[0])
+        return steady, elapsed[0], usage.ru_maxrss / 1024, losses
 
 
 def bare_step_rate(config: Path, changes: dict, stage: str, steps: int, device: str) -> float:
@@ -120,29 +133,32 @@ def bare_step_rate(config: Path, changes: dict, stage: str, steps: int, device: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="the trainer in fp32 too")
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per case and stage")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per case and stage (>= 2)")
+    parser.add_argument("--cases", default="demo,small", help=f"comma-separated, of {','.join(CASES)}")
+    parser.add_argument("--stages", default="tokenizer,predictor")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    print(f"device {args.device}, trainer bf16 {args.bf16}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps per stage")
-    print(f"{'case':34} {'stage':10} {'trainer w/s':>11} {'trainer fp32':>12} {'bare fp32 w/s':>13} {'ratio':>6} "
-          f"{'peak RSS MB':>12}")
-    for name, case in CASES.items():
-        for stage in ("tokenizer", "predictor"):
-            rate, peak, _ = run_case(case["config"], case["changes"], stage, args.steps, args.device, args.bf16)
-            fp32, _, _ = run_case(case["config"], case["changes"], stage, args.steps, args.device, False)
-            bare = bare_step_rate(case["config"], case["changes"], stage, max(3, args.steps // 3), args.device)
-            print(f"{name:34} {stage:10} {rate:11.1f} {fp32:12.1f} {bare:13.1f} {rate / bare:6.2f} {peak:12.0f}")
-    demo = CASES["demo (tiny, window 109)"]
-    for stage in ("tokenizer", "predictor"):
-        *_, mixed = run_case(demo["config"], demo["changes"], stage, args.steps, args.device, True)
-        *_, full = run_case(demo["config"], demo["changes"], stage, args.steps, args.device, False)
-        worst = max(abs(a - b) / abs(b) for a, b in zip(mixed, full, strict=False))
-        print(f"demo {stage} loss curve, bf16 vs fp32 over {len(full)} logged steps: largest relative "
-              f"difference {worst:.2%} (first {full[0]:.4f} / {mixed[0]:.4f}, last {full[-1]:.4f} / {mixed[-1]:.4f})")
+    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.steps} steps per stage; w/s = windows/s after the first step")
+    print(f"{'case':32} {'stage':10} {'trainer w/s':>11} {'1st step s':>10} {'plain fp32':>10} {'bare fp32':>9} "
+          f"{'ratio':>6} {'vs plain':>8} {'loss diff':>9} {'peak RSS MB':>11}", flush=True)
+    for key in args.cases.split(","):
+        case = CASES[key]
+        for stage in args.stages.split(","):
+            # the bare step before and after the trainer runs: other load on the machine drifts during a case
+            bare_steps = max(3, args.steps // 3)
+            bare_before = bare_step_rate(case["config"], case["changes"], stage, bare_steps, args.device)
+            rate, first, peak, losses = run_case(case["config"], case["changes"], stage, args.steps, args.device)
+            plain, _, _, reference = run_case(case["config"], {**case["changes"], **PLAIN}, stage, args.steps,
+                                              args.device)
+            bare = (bare_before + bare_step_rate(case["config"], case["changes"], stage, bare_steps,
+                                                 args.device)) / 2
+            worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=True))
+            print(f"{case['name']:32} {stage:10} {rate:11.2f} {first:10.1f} {plain:10.2f} {bare:9.2f} "
+                  f"{rate / bare:6.2f} {rate / plain:8.2f} {worst:9.2%} "
+                  f"{peak:11.0f}", flush=True)
 
 
 if __name__ == "__main__":

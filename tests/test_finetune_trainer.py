@@ -210,3 +210,84 @@ def test_gate_measures_a_pair_reproducibly_against_the_random_walk(finished_run)
     assert first.mae_random_walk == pytest.approx(expected)
     other = evaluate_pair(*load_pair(finished_run / "last"), held_out, 24, 4, origins=6, sample_count=4)
     assert other.mae_random_walk == first.mae_random_walk  # same inputs for every pair
+
+
+def test_token_cache_gives_exactly_the_losses_of_encoding_every_batch(tmp_path):
+    """The predictor's targets come from the frozen tokenizer: encoding each window once must not change a
+    single logged loss (3 epochs over the same ~80 training windows, each epoch in other batches)."""
+    base = REFERENCE / "tiny_fits_context"
+    config = write_config(tmp_path, tokenizer_id=str(base / "tokenizer"), base_model=str(base / "model"),
+                          epochs=3, train_ratio=0.004, max_train_windows=None)
+    runs = {}
+    for cached in (True, False):
+        out = tmp_path / f"cache-{cached}"
+        rc, err = finish(finetune(config, "--skip-tokenizer", f"output_dir={out}", f"token_cache={cached}"))
+        assert rc == 0, err
+        start = next(json.loads(line) for line in err.splitlines() if '"stage_start"' in line)
+        assert start["token_cache"] == (["train", "val"] if cached else [])
+        assert start["bf16"] is False  # bf16: auto keeps the 64-wide model in fp32 on a CPU
+        runs[cached] = [{k: v for k, v in r.items() if k != "windows_per_s"} for r in log_records(out)]
+    assert len(runs[True]) == len(runs[False]) > 6
+    assert runs[True] == runs[False]
+
+
+def test_token_cache_encodes_each_window_once():
+    from kronos_model.finetune.acceleration import TokenCache
+
+    torch.manual_seed(0)
+    tokenizer = KronosTokenizer.from_pretrained(REFERENCE / "tiny_fits_context" / "tokenizer").eval()
+    windows = torch.randn(10, 12, 6)
+    encoded: list[int] = []
+
+    def encode(x):
+        encoded.append(len(x))
+        with torch.no_grad():
+            return tokenizer.encode(x, half=True)
+
+    cache = TokenCache(len(windows), 12, tokenizer.s1_bits, limit_bytes=2**20)
+    first = cache.tokens([3, 1, 4], windows[[3, 1, 4]], encode)
+    again = cache.tokens([4, 3, 1], windows[[4, 3, 1]], encode)
+    mixed = cache.tokens([1, 5, 9], windows[[1, 5, 9]], encode)
+    assert encoded == [3, 2]  # the second draw encodes nothing, the third only windows 5 and 9
+    with torch.no_grad():
+        s1, s2 = tokenizer.encode(windows, half=True)
+    for ids, rows in ((first, [3, 1, 4]), (again, [4, 3, 1]), (mixed, [1, 5, 9])):
+        assert torch.equal(ids[0], s1[rows]) and torch.equal(ids[1], s2[rows])
+    too_big = TokenCache(len(windows), 12, tokenizer.s1_bits, limit_bytes=100)
+    assert not too_big.enabled
+    too_big.tokens([0, 1], windows[:2], encode)
+    assert encoded == [3, 2, 2]  # no cache: every batch encoded
+
+
+def test_bf16_auto_picks_fp32_for_narrow_models_and_bf16_where_it_pays():
+    from kronos_model.finetune.acceleration import CPU_BF16_MIN_WIDTH, cpu_has_native_bf16, use_bf16
+
+    assert not use_bf16("auto", "cpu", 64)  # the demo model: casts cost more than bf16 matmuls save
+    assert use_bf16("auto", "cpu", CPU_BF16_MIN_WIDTH) == cpu_has_native_bf16()
+    assert use_bf16("auto", "cuda:0", 64)
+    assert not use_bf16(False, "cuda", 512) and use_bf16(True, "cpu", 64)
+
+
+def test_compile_auto_only_for_wide_modules_in_long_stages():
+    from kronos_model.finetune.acceleration import COMPILE_MIN_STEPS, use_compile
+
+    assert not use_compile("auto", 64, 10_000)  # the demo model: minutes of compiling for little gain
+    assert not use_compile("auto", 512, COMPILE_MIN_STEPS - 1)  # too short to pay the compile back
+    assert use_compile(True, 64, 1) and not use_compile(False, 512, 10_000)
+
+
+def test_compiled_training_follows_the_eager_loss_curve(tmp_path):
+    """compile=true on the dropout-free tiny model: the same losses as eager up to float rounding."""
+    config = write_config(tmp_path, epochs=1, max_train_windows=48)
+    runs = {}
+    for compiled in (True, False):
+        out = tmp_path / f"compile-{compiled}"
+        rc, err = finish(finetune(config, f"output_dir={out}", f"compile={compiled}"), timeout=900)
+        assert rc == 0, err
+        starts = [json.loads(line) for line in err.splitlines() if '"stage_start"' in line]
+        assert [s["compile"] for s in starts] == [compiled, compiled]
+        runs[compiled] = [r for r in log_records(out) if "loss" in r or "val_loss" in r]
+    assert [(r["stage"], r["step"]) for r in runs[True]] == [(r["stage"], r["step"]) for r in runs[False]]
+    for a, b in zip(runs[True], runs[False], strict=True):
+        key = "loss" if "loss" in a else "val_loss"
+        assert a[key] == pytest.approx(b[key], rel=1e-3)

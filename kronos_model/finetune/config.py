@@ -75,7 +75,15 @@ class FinetuneConfig(BaseModel):
     min_delta: float = Field(0.0, ge=0)
     seed: int = 42
     device: str = "auto"
-    bf16: bool = Field(True, description="bf16 autocast on CUDA (the CPU trains in fp32: see the trainer)")
+    bf16: Literal["auto"] | bool = Field(
+        "auto", description="bf16 autocast: auto = on CUDA, and on a CPU with native bf16 for modules at least 256 "
+        "wide (kronos_model/finetune/acceleration.py); true/false force it on/off")
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="torch.compile the training forward: auto = for modules at least 256 wide when the "
+        "stage runs at least 100 optimizer steps (compiling takes minutes); true/false force it on/off")
+    token_cache: bool = Field(True, description="predictor stage: encode each window with the frozen tokenizer "
+                              "once and reuse its ids (identical targets)")
+    token_cache_mb: int = Field(2048, ge=0, description="largest token cache per split; beyond it, encode per batch")
     num_workers: int = Field(0, ge=0)
 
     # output and monitoring
