@@ -36,20 +36,11 @@ from kronos_model.attention import KVCache
 from kronos_model.model import Kronos, KronosTokenizer
 
 
-def sample_tokens(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Sample one id per row of `logits` (R, V).
-
-    temperature <= 0 or top_k == 1 is greedy (argmax). top_k and top_p are applied together (the original
-    returned after top-k and silently ignored top_p).
-    """
-    if temperature <= 0 or top_k == 1:
-        return logits.argmax(dim=-1)
+def sampling_probabilities(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                           top_p: float = 1.0) -> torch.Tensor:
+    """The distribution each row of `logits` (R, V) is sampled from (temperature > 0): temperature, then top_k and
+    top_p together (the original returned after top-k and silently ignored top_p). Row-wise, so rows of many
+    series are filtered in one call and each row comes out as it would alone."""
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         kth_best = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -62,7 +53,20 @@ def sample_tokens(
         drop_sorted[..., 1:] = cumulative[..., :-1] > top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
+    return F.softmax(logits, dim=-1)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample one id per row of `logits` (R, V); temperature <= 0 or top_k == 1 is greedy (argmax)."""
+    if temperature <= 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    probs = sampling_probabilities(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -75,13 +79,15 @@ def sample_per_series(
     generators: Sequence[torch.Generator] | torch.Generator | None,
 ) -> torch.Tensor:
     """Sample rows (B·S, V) where each consecutive block of `paths` rows is one series: with a sequence of B
-    generators, block b draws from generators[b] alone (what the series would draw in a batch of its own)."""
+    generators, block b draws from generators[b] alone (what the series would draw in a batch of its own). The
+    filtering (sort for top_p) runs once for all rows; only the draws are per series (measured: per-series
+    filtering was 70 % of a 16-series tiny-model forecast)."""
     if generators is None or isinstance(generators, torch.Generator) or temperature <= 0 or top_k == 1:
         return sample_tokens(logits, temperature, top_k, top_p, generators)  # one stream, or greedy (no draws)
-    blocks = logits.split(paths)
+    blocks = sampling_probabilities(logits, temperature, top_k, top_p).split(paths)
     if len(blocks) != len(generators):
         raise ValueError(f"{len(generators)} generators for {len(blocks)} series")
-    return torch.cat([sample_tokens(block, temperature, top_k, top_p, generator)
+    return torch.cat([torch.multinomial(block, 1, generator=generator).squeeze(-1)
                       for block, generator in zip(blocks, generators, strict=True)])
 
 
