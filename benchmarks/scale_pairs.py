@@ -117,7 +117,8 @@ async def measure(case: ModelCase, pairs: int, ticks: int, mqtt_port: int, batch
     history = case.forecast["lookback"] + 200
     simulator = subprocess.Popen(
         [sys.executable, "-m", "daemon.cli", "simulate", "--pairs", str(pairs), "--pairs-interval", "1m",
-         "--pairs-history", str(history), "--pairs-future", str(ticks * 4 + 60), "--speed", str(speed)],
+         "--pairs-history", str(history), "--pairs-future", str(ticks * 4 + 60), "--speed", str(speed),
+         "--ws-update-s", "2"],  # Binance's own rate: every stream updates its open candle every 2 s
         stdout=subprocess.PIPE, text=True, cwd=ROOT)
     urls = json.loads(simulator.stdout.readline())
     wall_start, start_ms = time.time(), parse_time(urls["market_time"])

@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0, help="added to every REST/archive reply")
     parser.add_argument("--weight-limit", type=int, default=6000, help="request weight per minute per IP")
     parser.add_argument("--ws-lifetime-s", type=float, help="close websocket connections after this long (24 h cut)")
+    parser.add_argument("--ws-update-s", type=float, default=0.25,
+                        help="wall seconds between a stream's updates of its open candle (Binance: 2; default 0.25 "
+                        "so a fast clock still shows candles growing); closes are always sent at once")
     parser.add_argument(
         "--fault",
         action="append",
@@ -95,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
     if args.speed < 0:
         raise ValueError("--speed must be >= 0")
+    if args.ws_update_s <= 0:
+        raise ValueError("--ws-update-s must be > 0")
     if not 0 <= args.hostile_rate <= 1:
         raise ValueError("--hostile-rate must be between 0 and 1")
     book = build_book(args)
@@ -112,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         weight_limit=args.weight_limit,
         latency_s=args.latency_ms / 1000,
         ws_lifetime_s=args.ws_lifetime_s,
+        ws_update_s=args.ws_update_s,
         hostile=HostileProfile(seed=args.seed, ws_rate=args.hostile_rate, rest_rate=args.hostile_rate / 2)
         if args.profile == "hostile" else None,
     )
