@@ -18,9 +18,9 @@ What changes is how much is computed:
 4. The final tokenizer decode shares the look-back prefix the same way.
 
 All S paths of all B series run as one batch. Sampling can still be per series: with one generator per series
-(`generators`), each series' S rows are drawn from its own generator, so a series forecast inside a batch draws
-exactly what it draws alone with the same seed (the sampling filters are row-wise, so its rows see the same
-probabilities). A single `generator` is one random stream for the whole batch, as before.
+(`generators`), each series' S uniform draws come from its own generator, so a series forecast inside a batch
+draws exactly what it draws alone with the same seed (filtering and sampling are row-wise, so its rows see the
+same probabilities). A single `generator` is one random stream for the whole batch, as before.
 """
 
 from __future__ import annotations
@@ -29,31 +29,62 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kronos_model.attention import KVCache
 from kronos_model.model import Kronos, KronosTokenizer
 
+CANDIDATES = (32, 160)  # how many tokens are looked at first, then; a row whose nucleus is wider is sorted in full
 
-def sampling_probabilities(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                           top_p: float = 1.0) -> torch.Tensor:
-    """The distribution each row of `logits` (R, V) is sampled from (temperature > 0): temperature, then top_k and
-    top_p together (the original returned after top-k and silently ignored top_p). Row-wise, so rows of many
-    series are filtered in one call and each row comes out as it would alone."""
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth_best = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+
+def _nucleus(logits: torch.Tensor, log_total: torch.Tensor, top_p: float,
+             take: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best `take` tokens of each row, best first: (ids, probability of each token in the nucleus, 0 past
+    it). `log_total`: each row's log normaliser (over its top_k tokens, or all). A token is in the nucleus while
+    the mass before it is at most top_p, so the best token always is."""
+    values, ids = torch.topk(logits, take, dim=-1)
+    probs = (values - log_total).exp()
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop tokens once the mass before them already exceeds top_p; the best token always stays.
-        drop_sorted = torch.zeros_like(cumulative, dtype=torch.bool)
-        drop_sorted[..., 1:] = cumulative[..., :-1] > top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return F.softmax(logits, dim=-1)
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs > top_p, 0.0)
+    return ids, probs
+
+
+def sample_rows(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                uniforms: torch.Tensor) -> torch.Tensor:
+    """One id per row of `logits` (R, V) from temperature, top_k and top_p together (the original returned after
+    top-k and silently ignored top_p), by inverting each row's cumulative distribution at its uniform draw
+    `uniforms` (R,). Row-wise: a row comes out the same whatever other rows share the call.
+
+    Why not torch.multinomial: it draws V exponentials per row (the Gumbel trick), and with one generator per
+    series that was half of a batched tiny-model forecast; one uniform per row is the same distribution. The
+    nucleus is looked for among the best CANDIDATES[0] tokens, then more for the rows whose nucleus is wider."""
+    logits = logits.float() / temperature
+    vocab = logits.shape[-1]
+    allowed = vocab if top_k <= 0 else min(top_k, vocab)
+    # without top_p every allowed token is in the nucleus: no point looking at candidates first
+    ladder = [allowed] if top_p >= 1.0 else [n for n in CANDIDATES if n < allowed] + [allowed]
+    pool = logits if allowed == vocab else torch.topk(logits, allowed, dim=-1).values
+    log_total = torch.logsumexp(pool, dim=-1, keepdim=True)
+    if not torch.isfinite(log_total).all():
+        raise ValueError("the model's logits are not finite (NaN or infinite): the checkpoint or its input is broken")
+    sampled = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    for take in ladder:
+        ids, probs = _nucleus(logits[rows], log_total[rows], top_p, take)
+        # a row's nucleus is known once a candidate was dropped (or every allowed token was looked at)
+        known = probs[:, -1] == 0 if take < allowed else torch.ones_like(probs[:, -1], dtype=torch.bool)
+        sampled[rows[known]] = _invert(ids[known], probs[known], uniforms[rows[known]])
+        rows = rows[~known]
+        if not rows.numel():
+            break
+    return sampled
+
+
+def _invert(ids: torch.Tensor, probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    cumulative = probs.cumsum(dim=-1)
+    target = (uniforms.to(cumulative.dtype) * cumulative[:, -1]).unsqueeze(-1)
+    position = torch.searchsorted(cumulative, target, right=True).clamp_(max=ids.shape[-1] - 1)
+    return ids.gather(-1, position).squeeze(-1)
 
 
 def sample_tokens(
@@ -66,8 +97,8 @@ def sample_tokens(
     """Sample one id per row of `logits` (R, V); temperature <= 0 or top_k == 1 is greedy (argmax)."""
     if temperature <= 0 or top_k == 1:
         return logits.argmax(dim=-1)
-    probs = sampling_probabilities(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    uniforms = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+    return sample_rows(logits, temperature, top_k, top_p, uniforms)
 
 
 def sample_per_series(
@@ -79,16 +110,14 @@ def sample_per_series(
     generators: Sequence[torch.Generator] | torch.Generator | None,
 ) -> torch.Tensor:
     """Sample rows (B·S, V) where each consecutive block of `paths` rows is one series: with a sequence of B
-    generators, block b draws from generators[b] alone (what the series would draw in a batch of its own). The
-    filtering (sort for top_p) runs once for all rows; only the draws are per series (measured: per-series
-    filtering was 70 % of a 16-series tiny-model forecast)."""
+    generators, block b's uniforms come from generators[b] alone (what the series would draw in a batch of its
+    own); the filtering and the draws run once for all rows."""
     if generators is None or isinstance(generators, torch.Generator) or temperature <= 0 or top_k == 1:
         return sample_tokens(logits, temperature, top_k, top_p, generators)  # one stream, or greedy (no draws)
-    blocks = sampling_probabilities(logits, temperature, top_k, top_p).split(paths)
-    if len(blocks) != len(generators):
-        raise ValueError(f"{len(generators)} generators for {len(blocks)} series")
-    return torch.cat([torch.multinomial(block, 1, generator=generator).squeeze(-1)
-                      for block, generator in zip(blocks, generators, strict=True)])
+    if logits.shape[0] != paths * len(generators):
+        raise ValueError(f"{len(generators)} generators for {logits.shape[0] // paths} series")
+    uniforms = torch.cat([torch.rand(paths, generator=generator, device=logits.device) for generator in generators])
+    return sample_rows(logits, temperature, top_k, top_p, uniforms)
 
 
 @dataclass
