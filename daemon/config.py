@@ -131,6 +131,9 @@ class ForecastConfig(BaseModel):
                                        description="close quantile levels stored per step, scored and calibrated")
     seed: int = 0
     batch_size: int = Field(16, ge=1, le=1024, description="pairs forecast together in one batched generation")
+    worker: Literal["process", "thread"] = Field(
+        "process", description="where generations run: a child process (the model never waits for the daemon's "
+        "GIL; daemon/model_worker.py) or a thread of the daemon")
     anchor: bool = Field(True, description="shift each forecast's paths onto the observed last candle, removing "
                          "the tokenizer's reconstruction offset (docs/evaluation.md: lower MAE and CRPS)")
     score_every: int = Field(24, ge=1, description="publish rolling ledger scores after this many forecasts")

@@ -36,7 +36,8 @@ import structlog
 import yaml
 
 from daemon.config import KronosConfig
-from daemon.forecaster import Champion, ForecastService, build_predictor, forecast_window
+from daemon.forecaster import ForecastService
+from daemon.model_worker import Champion, build_predictor, forecast_window
 from daemon.mqtt import Publisher
 from daemon.registry import ModelRegistry
 from kronos_model.checkpoint import load_pair

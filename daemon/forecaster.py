@@ -2,13 +2,16 @@
 persist to `forecasts`, publish over MQTT.
 
 The champion (version + predictor) is one attribute read once per batch, so a hot-swap never changes
-the model under a running forecast: in-flight forecasts finish on the old model. Forecasts run in a worker
-thread (torch releases the GIL; a single thread keeps the CPU free for ingest and for a fine-tune); when
-candles arrive faster than forecasts, only the newest closed candle of a pair is forecast.
+the model under a running forecast: in-flight forecasts finish on the old model. Generations run in the model
+worker (daemon/model_worker.py: a child process by default, one generation at a time, so a core stays free for
+ingest and for a fine-tune); when candles arrive faster than forecasts, only the newest closed candle of a pair
+is forecast.
 
-Batches: every pair pending when the forecast loop wakes (the pairs and intervals of one tick) is forecast in
-batched generations of up to `forecast.batch_size` pairs: look-backs read in one writer call, one generation,
-one insert, then each pair is published. Each pair keeps its own seed (`seed + origin // interval`) and its
+Batches: the pairs and intervals of one tick are gathered (until no close arrived for 50 ms, at most 0.3 s)
+and forecast in batched generations of up to `forecast.batch_size` pairs: look-backs read in one writer call,
+one generation, one insert, then each pair is published. The batches of a tick are pipelined: while one is
+generated in the model worker, the next one's look-backs are read and the previous one is calibrated, stored
+and published, so the model runs back to back. Each pair keeps its own seed (`seed + origin // interval`) and its
 own random stream (KronosPredictor.forecast_batch), so its forecast is the one it would get alone. A batch
 that fails is forecast again pair by pair, so one bad pair fails alone.
 
@@ -49,10 +52,11 @@ import torch
 from daemon.calibration import PairCalibrators
 from daemon.config import ForecastConfig, ModelConfig
 from daemon.ledger import rolling_scores
+from daemon.model_worker import Champion, ModelWorker, build_predictor
 from daemon.mqtt import Publisher
-from kronos_model import Forecast, Kronos, KronosPredictor, KronosTokenizer
+from kronos_model import Forecast, Kronos, KronosTokenizer
 from kronos_model.calibration import DEFAULT_LEVELS, CalibratedForecast, RawForecast
-from kronos_model.data import FEATURES, candles_to_frame
+from kronos_model.data import candles_to_frames
 from storage.forecasts import (
     BAND_QUANTILES,
     CALIBRATED_COLUMNS,
@@ -72,18 +76,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("daemon.forecaster")
 Pair = tuple[str, str]
-
-
-@dataclass(frozen=True)
-class Champion:
-    version: str
-    predictor: KronosPredictor
-
-
-def build_predictor(tokenizer: KronosTokenizer, model: Kronos, config: ModelConfig) -> KronosPredictor:
-    device = None if config.device == "auto" else config.device
-    dtype = getattr(torch, config.dtype)
-    return KronosPredictor(model.to(dtype), tokenizer.to(dtype), device=device, max_context=config.max_context)
+GATHER_QUIET_S = 0.05  # a tick's closes are gathered until none arrived for this long ...
+GATHER_MAX_S = 0.3  # ... or for at most this long
 
 
 @dataclass
@@ -96,45 +90,32 @@ class PendingForecast:
     seen: CloseSeen | None = None  # how and when the closing candle reached the daemon (live ingestion)
 
 
-def forecast_windows(champion: Champion, windows: list[tuple[pl.DataFrame, int, int]],
-                     config: ForecastConfig) -> list[Forecast]:
-    """Forecast the `config.horizon` candles after each (frame, step_ms, seed) in one batched generation; each
-    frame is a Kronos frame of a look-back, oldest first. Each result equals forecasting its window alone."""
-    futures = []
-    for frame, step_ms, _ in windows:
-        last = int(frame["timestamps"].dt.epoch("ms")[-1])
-        futures.append(pl.from_epoch(pl.Series([last + step_ms * k for k in range(1, config.horizon + 1)]),
-                                     time_unit="ms"))
-    return champion.predictor.forecast_batch(
-        [frame.select(FEATURES) for frame, _, _ in windows], [frame["timestamps"] for frame, _, _ in windows],
-        futures, config.horizon, T=config.temperature, top_k=config.top_k, top_p=config.top_p,
-        sample_count=config.sample_paths, seed=[seed for _, _, seed in windows], quantiles=config.quantiles,
-        anchor=config.anchor)
+@dataclass
+class PreparedBatch:
+    """A batch whose look-backs are read: what the model needs, and when reading began and ended."""
+
+    champion: Champion
+    ready: list[PendingForecast]
+    inputs: list[tuple[pl.DataFrame, int, int]]  # (Kronos frame of the look-back, step ms, seed) per pair
+    began: float
+    read_done: float
+
+    @property
+    def pairs(self) -> set[Pair]:
+        return {pending.pair for pending in self.ready}
 
 
-def forecast_window(champion: Champion, frame: pl.DataFrame, step_ms: int, config: ForecastConfig,
-                    seed: int) -> Forecast:
-    """Forecast the `config.horizon` candles after `frame` (a Kronos frame of the look-back, oldest first)."""
-    return forecast_windows(champion, [(frame, step_ms, seed)], config)[0]
+@dataclass
+class FinishedForecast:
+    """One generated forecast on its way out: the raw close quantile grid (computed once for the table, the
+    payload and the calibrator), the calibrated forecast, and what is published (calibrated only when every step
+    is)."""
 
-
-def forecast_each(champion: Champion, windows: list[tuple[pl.DataFrame, int, int]],
-                  config: ForecastConfig) -> list[Forecast | Exception]:
-    """`forecast_windows`, and when the batch fails, each window alone (same results), so a window that
-    cannot be forecast fails alone: its place holds the error."""
-    try:
-        return list(forecast_windows(champion, windows, config))
-    except Exception as exc:
-        if len(windows) == 1:
-            return [exc]
-        log.warning("forecast_batch_failed", series=len(windows), error=repr(exc), retry="one by one")
-    results: list[Forecast | Exception] = []
-    for window in windows:
-        try:
-            results.append(forecast_windows(champion, [window], config)[0])
-        except Exception as exc:
-            results.append(exc)
-    return results
+    pending: PendingForecast
+    result: Forecast
+    raw_grid: np.ndarray  # (levels, steps)
+    calibrated: CalibratedForecast | None
+    published: CalibratedForecast | None
 
 
 def target_times_ms(origin_ms: int, interval: str, steps: int) -> list[int]:
@@ -146,10 +127,11 @@ def target_times_ms(origin_ms: int, interval: str, steps: int) -> list[int]:
 
 def forecast_rows(result: Forecast, symbol: str, interval: str, origin_ms: int, version: str,
                   issued_ms: int, calibrated: CalibratedForecast | None = None,
-                  grid: tuple[float, ...] = DEFAULT_LEVELS) -> pl.DataFrame:
+                  grid: tuple[float, ...] = DEFAULT_LEVELS, raw_grid: np.ndarray | None = None) -> pl.DataFrame:
     """The forecasts table's rows: the raw model output, the raw close p05/p95 and quantile `grid` (what the
     ledger's CRPS and the calibrator's warm-up read), and (when `calibrated`, i.e. it was published calibrated)
-    the calibrated close quantiles, grid and P(up). `calibrated` must hold the levels of `grid`."""
+    the calibrated close quantiles, grid and P(up). `calibrated` must hold the levels of `grid`; `raw_grid`, the
+    raw close quantiles at `grid` (levels, steps), is computed from the paths when not given."""
     steps = len(result.timestamps)
     data: dict[str, Any] = {
         "symbol": [symbol] * steps, "interval": [interval] * steps, "origin_time": [origin_ms] * steps,
@@ -169,7 +151,9 @@ def forecast_rows(result: Forecast, symbol: str, interval: str, origin_ms: int, 
         data[f"close_{name}_cal"] = nothing if calibrated is None else calibrated.quantile(level)
     data["prob_up_cal"] = nothing if calibrated is None else calibrated.prob_up
     data["grid_levels"] = [list(grid)] * steps
-    data["close_grid"] = np.quantile(result.close_paths, grid, axis=0).T.tolist()  # (steps, levels)
+    if raw_grid is None:
+        raw_grid = np.quantile(result.close_paths, grid, axis=0)
+    data["close_grid"] = raw_grid.T.tolist()  # (steps, levels)
     data["close_grid_cal"] = nothing if calibrated is None else np.stack(
         [calibrated.quantile(level) for level in grid], axis=1).tolist()
     grid_type = pl.List(pl.Float64)
@@ -180,7 +164,7 @@ def forecast_rows(result: Forecast, symbol: str, interval: str, origin_ms: int, 
 def forecast_payload(result: Forecast, symbol: str, interval: str, origin_ms: int, version: str,
                      issued_ms: int, calibrated: CalibratedForecast | None = None,
                      calibration: dict[str, Any] | None = None,
-                     grid: tuple[float, ...] = DEFAULT_LEVELS) -> dict[str, Any]:
+                     grid: tuple[float, ...] = DEFAULT_LEVELS, raw_grid: np.ndarray | None = None) -> dict[str, Any]:
     """The MQTT payload (documented in the README). With `calibrated` (every step calibrated), the close
     p10/p50/p90, the close quantile grid and prob_up are the calibrated ones; the raw ones are always under
     `raw`."""
@@ -194,7 +178,8 @@ def forecast_payload(result: Forecast, symbol: str, interval: str, origin_ms: in
            for q, name in STORED_QUANTILES.items()},
         "prob_up": np.round(result.prob_up, 4).tolist(),
     }
-    raw_grid = np.quantile(result.close_paths, grid, axis=0)  # (levels, steps)
+    if raw_grid is None:
+        raw_grid = np.quantile(result.close_paths, grid, axis=0)  # (levels, steps)
     payload["close_grid"] = {"levels": list(grid), "values": np.round(raw_grid, 8).tolist()}
     payload["raw"] = {**{name: {"close": np.round(result.close_quantile(q), 8).tolist()}
                          for q, name in STORED_QUANTILES.items()},
@@ -211,12 +196,14 @@ def forecast_payload(result: Forecast, symbol: str, interval: str, origin_ms: in
     return payload
 
 
-def read_lookback(store: Any, pending: PendingForecast, lookback: int) -> pl.DataFrame:
-    """The `lookback` newest stored candles up to the origin; read over twice the look-back in time, so a few
-    missing candles still leave a full window. Runs in the writer thread."""
-    (symbol, interval), step = pending.pair, interval_ms(pending.pair[1])
-    start = pending.origin_ms - 2 * lookback * step
-    return store.read_candles(symbol, interval, start, pending.origin_ms + step).tail(lookback)
+def read_lookbacks(store: Any, batch: list[PendingForecast], lookback: int) -> list[pl.DataFrame]:
+    """Each pending pair's `lookback` newest stored candles up to its origin, in one query; read over twice the
+    look-back in time, so a few missing candles still leave a full window. Runs in the writer thread."""
+    windows = []
+    for pending in batch:
+        (symbol, interval), step = pending.pair, interval_ms(pending.pair[1])
+        windows.append((symbol, interval, pending.origin_ms - 2 * lookback * step, pending.origin_ms + step, lookback))
+    return store.read_newest_candles(windows)
 
 
 class ForecastService:
@@ -241,6 +228,7 @@ class ForecastService:
         self.grid = tuple(forecast.quantile_grid)
         self.calibrators = PairCalibrators(forecast.calibration, forecast.horizon, self.grid)
         torch.set_num_threads(model.threads)
+        self.worker = ModelWorker(forecast.worker, model.threads)
 
     def set_champion(self, version: str, tokenizer: KronosTokenizer, model: Kronos,
                      warm: dict[Pair, list[tuple[RawForecast, np.ndarray]]] | None = None) -> None:
@@ -252,6 +240,10 @@ class ForecastService:
             log.info("calibration_warmed", symbol=pair[0], interval=pair[1], model_version=version,
                      source="gate", forecasts=len(forecasts), outcomes=outcomes)
         self.champion = Champion(version, build_predictor(tokenizer, model, self.model_config))
+
+    def close(self) -> None:
+        """Stop the model worker (the daemon is stopping)."""
+        self.worker.close()
 
     async def load_newest_origins(self) -> None:
         """The newest forecast origin per pair in the store: the floor for every later forecast."""
@@ -271,20 +263,66 @@ class ForecastService:
             self._wake.set()
 
     async def run(self) -> None:
-        """Forecast whatever is pending, `batch_size` pairs per generation, until nothing is."""
+        """Forecast whatever is pending, `batch_size` pairs per generation, until nothing is; pipelined so the
+        model never waits for the store: while batch k is generated, batch k+1's look-backs are read, and batch
+        k is stored and published while batch k+1 is generated."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending:
-                size = self.forecast_config.batch_size
-                batch = [self._pending.pop(pair) for pair in list(self._pending)[:size]]
-                try:
-                    await self.forecast_pairs(batch)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("forecast_failed", pairs=[f"{p.pair[0]}/{p.pair[1]}" for p in batch],
-                                  origins=[p.origin_ms for p in batch])
+            await self._gather()
+            self.writer.hold_snapshots()  # the tick's reads and inserts go first
+            finishing: asyncio.Task | None = None
+            busy: set[Pair] = set()  # pairs of the batch being finished: a newer origin of one waits for it
+            try:
+                prepared = await self._prepare_next(busy)
+                while prepared is not None:
+                    generating = asyncio.create_task(self._generate(prepared))
+                    following = await self._prepare_next(busy | prepared.pairs)
+                    results = await generating
+                    if finishing is not None:
+                        await finishing
+                    finishing = asyncio.create_task(self._finish(prepared, *results))
+                    busy = prepared.pairs
+                    if following is None and self._pending:
+                        await finishing  # what is left is a newer origin of a pair just forecast
+                        busy = set()
+                        following = await self._prepare_next(busy)
+                    prepared = following
+                if finishing is not None:
+                    await finishing
+            finally:
+                if finishing is not None and not finishing.done():
+                    finishing.cancel()
+                self.writer.release_snapshots()
+
+    async def _gather(self) -> None:
+        """The closes of one tick reach the daemon over some milliseconds: wait until no pair became pending for
+        GATHER_QUIET_S (at most GATHER_MAX_S, or until a batch is full), so the first batch holds them all rather
+        than the first pair alone."""
+        deadline = time.monotonic() + GATHER_MAX_S
+        seen = -1
+        while seen != len(self._pending) < self.forecast_config.batch_size and time.monotonic() < deadline:
+            seen = len(self._pending)
+            await asyncio.sleep(GATHER_QUIET_S)
+
+    async def _prepare_next(self, busy: set[Pair]) -> PreparedBatch | None:
+        """Take up to `batch_size` pending pairs (not those in `busy`) and read their look-backs; None when there is
+        nothing to take. A batch that fails to read is logged and dropped (the next close forecasts its pairs)."""
+        while True:
+            pairs = [pair for pair in self._pending if pair not in busy][:self.forecast_config.batch_size]
+            if not pairs:
+                return None
+            batch = [self._pending.pop(pair) for pair in pairs]
+            try:
+                prepared = await self._prepare(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("forecast_failed", pairs=[f"{p.pair[0]}/{p.pair[1]}" for p in batch],
+                              origins=[p.origin_ms for p in batch])
+                continue
+            if prepared is not None:
+                return prepared
 
     async def score_loop(self) -> None:
         """Rolling ledger scores, off the forecast path: when due, once the forecasts of the current tick are
@@ -330,13 +368,21 @@ class ForecastService:
 
     async def forecast_pairs(self, batch: list[PendingForecast]) -> int:
         """Forecast a batch of pairs in one generation; returns how many forecasts were published."""
+        prepared = await self._prepare(batch)
+        if prepared is None:
+            return 0
+        return await self._finish(prepared, *await self._generate(prepared))
+
+    async def _prepare(self, batch: list[PendingForecast]) -> PreparedBatch | None:
+        """Read the look-backs of a batch (one writer call) and feed each pair's calibrator its outcomes;
+        None when no pair is due or has enough history."""
         champion = self.champion  # read once: a swap during this batch does not affect it
         config = self.forecast_config
         due = [p for p in batch if p.origin_ms > self.newest_origin.get(p.pair, -1)]
         if champion is None or not due:
-            return 0
+            return None
         began = time.monotonic()
-        windows = await self.writer.run(lambda store: [read_lookback(store, p, config.lookback) for p in due])
+        windows = await self.writer.run(lambda store: read_lookbacks(store, due, config.lookback))
         read_done = time.monotonic()
         ready: list[tuple[PendingForecast, pl.DataFrame]] = []
         for pending, candles in zip(due, windows, strict=True):
@@ -348,17 +394,37 @@ class ForecastService:
             await self._observe(pending.pair, champion.version, pending.origin_ms, candles)
             ready.append((pending, candles))
         if not ready:
-            return 0
+            return None
         inputs = []
-        for pending, candles in ready:
+        for (pending, _), frame in zip(ready, candles_to_frames([candles for _, candles in ready]), strict=True):
             step = interval_ms(pending.pair[1])
-            inputs.append((candles_to_frame(candles), step, config.seed + pending.origin_ms // step))  # per origin
-        results = await asyncio.to_thread(forecast_each, champion, inputs, config)
+            inputs.append((frame, step, config.seed + pending.origin_ms // step))  # seed per origin
+        return PreparedBatch(champion, [pending for pending, _ in ready], inputs, began, read_done)
+
+    async def _generate(self, prepared: PreparedBatch) -> tuple[list[Forecast | Exception], float]:
+        """The batch's forecasts (in the model worker: daemon/model_worker.py) and when they were done."""
+        results = await self.worker.forecast(prepared.champion, prepared.inputs, self.forecast_config)
         self.batches += 1
-        model_done = time.monotonic()
+        return results, time.monotonic()
+
+    async def _finish(self, prepared: PreparedBatch, results: list[Forecast | Exception], model_done: float) -> int:
+        """Calibrate, store (one insert) and publish a generated batch; returns how many were published. Errors
+        are logged here: a batch that cannot be stored is lost alone (the next close forecasts its pairs)."""
+        try:
+            return await self._store_and_publish(prepared, results, model_done)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("forecast_failed", pairs=[f"{p.pair[0]}/{p.pair[1]}" for p in prepared.ready],
+                          origins=[p.origin_ms for p in prepared.ready])
+            return 0
+
+    async def _store_and_publish(self, prepared: PreparedBatch, results: list[Forecast | Exception],
+                                 model_done: float) -> int:
+        version = prepared.champion.version
         issued = int(time.time() * 1000)
-        done: list[tuple[PendingForecast, Forecast, CalibratedForecast | None, CalibratedForecast | None]] = []
-        for (pending, _), result in zip(ready, results, strict=True):
+        done: list[FinishedForecast] = []
+        for pending, result in zip(prepared.ready, results, strict=True):
             (symbol, interval), origin = pending.pair, pending.origin_ms
             if isinstance(result, Exception):
                 log.error("forecast_failed", symbol=symbol, interval=interval, origin=origin, error=repr(result))
@@ -366,29 +432,31 @@ class ForecastService:
             if origin <= self.newest_origin.get(pending.pair, -1):
                 continue  # a newer origin was forecast while this one ran
             self.newest_origin[pending.pair] = origin
-            calibrated = self._calibrate(pending.pair, origin, result)
-            done.append((pending, result, calibrated,
-                         calibrated if calibrated is not None and calibrated.calibrated else None))
+            raw_grid = np.quantile(result.close_paths, self.grid, axis=0)  # (levels, steps), once per forecast
+            calibrated = self._calibrate(pending.pair, origin, result, raw_grid)
+            done.append(FinishedForecast(pending, result, raw_grid, calibrated,
+                                         calibrated if calibrated is not None and calibrated.calibrated else None))
         if not done:
             return 0
-        rows = pl.concat([forecast_rows(result, *pending.pair, pending.origin_ms, champion.version, issued, published,
-                                        self.grid) for pending, result, _, published in done])
+        rows = pl.concat([forecast_rows(f.result, *f.pending.pair, f.pending.origin_ms, version, issued, f.published,
+                                        self.grid, f.raw_grid) for f in done])
         await self.writer.run(lambda store: insert_forecasts(store.con, rows))
         stored = time.monotonic()
-        timings = {"batch": len(ready), "read_ms": round((read_done - began) * 1000, 1),
-                   "model_ms": round((model_done - read_done) * 1000, 1),
+        timings = {"batch": len(prepared.ready), "read_ms": round((prepared.read_done - prepared.began) * 1000, 1),
+                   "model_ms": round((model_done - prepared.read_done) * 1000, 1),
                    "store_ms": round((stored - model_done) * 1000, 1)}
-        for pending, result, calibrated, published in done:
-            self._publish(pending, result, champion.version, issued, calibrated, published, began, timings)
+        for finished in done:
+            self._publish(finished, version, issued, prepared.began, timings)
         return len(done)
 
-    def _publish(self, pending: PendingForecast, result: Forecast, version: str, issued: int,
-                 calibrated: CalibratedForecast | None, published: CalibratedForecast | None, began: float,
+    def _publish(self, finished: FinishedForecast, version: str, issued: int, began: float,
                  timings: dict[str, Any]) -> None:
         """Hand one stored forecast to MQTT and the listeners; count, measure and log it."""
+        pending, result, published = finished.pending, finished.result, finished.published
         (symbol, interval), origin = pending.pair, pending.origin_ms
-        summary = self.calibrators.summary(pending.pair) if calibrated is not None else None
-        payload = forecast_payload(result, symbol, interval, origin, version, issued, published, summary, self.grid)
+        summary = self.calibrators.summary(pending.pair) if finished.calibrated is not None else None
+        payload = forecast_payload(result, symbol, interval, origin, version, issued, published, summary, self.grid,
+                                   finished.raw_grid)
         if self.publisher is not None:
             self.publisher.publish_forecast(symbol, interval, payload, origin_ms=origin)
         self.published += 1
@@ -431,11 +499,12 @@ class ForecastService:
         except Exception:
             self._calibration_failed(pair, "observe")
 
-    def _calibrate(self, pair: Pair, origin_ms: int, result: Forecast) -> CalibratedForecast | None:
+    def _calibrate(self, pair: Pair, origin_ms: int, result: Forecast,
+                   raw_grid: np.ndarray) -> CalibratedForecast | None:
         if not self.calibrators.settings.enabled:
             return None
         try:
-            raw = RawForecast.from_paths(origin_ms, result.last_close, result.close_paths, self.grid)
+            raw = RawForecast(origin_ms, result.last_close, self.grid, raw_grid, result.prob_up)
             return self.calibrators.calibrate(pair, raw)
         except Exception:
             self._calibration_failed(pair, "calibrate")

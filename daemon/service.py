@@ -436,6 +436,7 @@ class Daemon:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        self.forecaster.close()
         summary = await self.summary()
         await self._stop_http()  # before the writer closes: the live API reads through it
         await asyncio.to_thread(self.writer.close)  # flush, final snapshot, checkpoint

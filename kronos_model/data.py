@@ -71,6 +71,17 @@ def candles_to_frame(candles: pl.DataFrame, where: str = "candles") -> pl.DataFr
     return normalise_frame(frame, where)
 
 
+def candles_to_frames(windows: list[pl.DataFrame], where: str = "candles") -> list[pl.DataFrame]:
+    """`candles_to_frame` of many windows in one pass (the forecaster's batch of pairs): each window is its own
+    series (its `symbol` becomes its position), returned in order."""
+    if not windows:
+        return []
+    tagged = pl.concat([window.with_columns(pl.lit(str(i)).alias("symbol")) for i, window in enumerate(windows)],
+                       how="vertical_relaxed")
+    parts = candles_to_frame(tagged, where).partition_by("symbol", as_dict=True, maintain_order=True)
+    return [parts[(str(i),)] for i in range(len(windows))]
+
+
 def _integral_epoch(column: pl.Series, where: str) -> pl.Series:
     """Epoch times written as floats (`1.9065e+12`, as pandas writes them after a resample) back to integers."""
     whole = column.is_finite() & (column == column.floor())

@@ -298,6 +298,10 @@ class CandleStore:
         """Stored candles in [start, end) as a frame with millisecond times, oldest first."""
         return read_candles(self.con, symbol, interval, start_ms, end_ms)
 
+    def read_newest_candles(self, windows: list[tuple[str, str, int, int, int]]) -> list[pl.DataFrame]:
+        """See `read_newest_candles`: several pairs' newest candles in one query."""
+        return read_newest_candles(self.con, windows)
+
     def gap_records(self, symbol: str, interval: str, status: str | None = None) -> list[tuple[int, int, str, str]]:
         query = (
             "SELECT epoch_ms(gap_start), epoch_ms(gap_end), status, reason FROM gaps"
@@ -381,6 +385,13 @@ def count_confirmed_empty(con: duckdb.DuckDBPyConnection, symbol: str, interval:
                            [symbol, interval]).fetchall()[0][0])
 
 
+CANDLE_SELECT = (
+    "SELECT symbol, interval, epoch_ms(open_time) AS open_time, epoch_ms(close_time) AS close_time,"
+    " open, high, low, close, volume, quote_volume, taker_buy_base, taker_buy_quote, trades, source,"
+    " epoch_ms(ingested_at) AS ingested_at FROM candles"
+)
+
+
 def read_candles(
     con: duckdb.DuckDBPyConnection,
     symbol: str,
@@ -396,9 +407,27 @@ def read_candles(
     if end_ms is not None:
         conditions.append("open_time < make_timestamptz(?::BIGINT * 1000)")
         params.append(end_ms)
-    query = (
-        "SELECT symbol, interval, epoch_ms(open_time) AS open_time, epoch_ms(close_time) AS close_time,"
-        " open, high, low, close, volume, quote_volume, taker_buy_base, taker_buy_quote, trades, source,"
-        " epoch_ms(ingested_at) AS ingested_at FROM candles WHERE " + " AND ".join(conditions) + " ORDER BY open_time"
-    )
+    query = CANDLE_SELECT + " WHERE " + " AND ".join(conditions) + " ORDER BY open_time"
     return con.sql(query, params=params).pl()
+
+
+def read_newest_candles(con: duckdb.DuckDBPyConnection,
+                        windows: list[tuple[str, str, int, int, int]]) -> list[pl.DataFrame]:
+    """For each (symbol, interval, start_ms, end_ms, limit): the newest `limit` stored candles in [start, end),
+    oldest first (read_candles' columns), all in one query: what the forecaster reads for a batch of pairs."""
+    if not windows:
+        return []
+    values = ", ".join(["(?::INTEGER, ?, ?, make_timestamptz(?::BIGINT * 1000), make_timestamptz(?::BIGINT * 1000),"
+                        " ?::INTEGER)"] * len(windows))
+    params = [item for i, window in enumerate(windows) for item in (i, *window)]
+    query = (
+        f"WITH wanted(i, symbol, interval, lo, hi, lim) AS (VALUES {values}), "
+        "picked AS (SELECT w.i, w.lim, c.* FROM candles c JOIN wanted w ON c.symbol = w.symbol"
+        " AND c.interval = w.interval AND c.open_time >= w.lo AND c.open_time < w.hi"
+        " QUALIFY row_number() OVER (PARTITION BY w.i ORDER BY c.open_time DESC) <= w.lim) "
+        + CANDLE_SELECT.replace(" FROM candles", ", i FROM picked") + " ORDER BY i, open_time"
+    )
+    frame = con.sql(query, params=params).pl()
+    parts = {key[0]: part.drop("i") for key, part in frame.partition_by("i", as_dict=True, maintain_order=True).items()}
+    empty = frame.clear().drop("i")
+    return [parts.get(i, empty) for i in range(len(windows))]

@@ -81,6 +81,7 @@ class StoreWriter:
         self._last_publish: float | None = None
         self._held: Any = None
         self._dirty_since_publish = False
+        self._snapshot_hold = threading.Event()  # set while a burst of reads/writes (a forecast tick) runs
         self.snapshots_published = 0
         # Called in the writer thread with the seconds each snapshot publish took (metrics); must be quick.
         self.on_snapshot: Callable[[float], None] | None = None
@@ -123,6 +124,15 @@ class StoreWriter:
         self._queue.put(("call", func, future))
         return future
 
+    def hold_snapshots(self) -> None:
+        """A due snapshot waits (at most SNAPSHOT_MAX_DEFERRAL intervals) until `release_snapshots`: the forecaster
+        holds it while a tick's batches read and insert, so a publish never lands between two of them."""
+        self._snapshot_hold.set()
+
+    def release_snapshots(self) -> None:
+        self._snapshot_hold.clear()
+        self.call(lambda store: None)  # wake the thread: a snapshot that came due meanwhile is published now
+
     def request_snapshot(self) -> Future[Path | None]:
         return self.call(lambda store: self._publish(store, force=True))
 
@@ -153,9 +163,9 @@ class StoreWriter:
                 if item[0] == "upsert":
                     pending = self._gather_upserts(item)
                 self._execute(store, pending)
-                # A due snapshot waits while work is queued (a forecast's read right behind a tick's candles must
-                # not wait for a whole-database copy), but not beyond SNAPSHOT_MAX_DEFERRAL intervals.
-                idle = self._held is None and self._queue.empty()
+                # A due snapshot waits while work is queued or held (a forecast's read right behind a tick's candles
+                # must not wait for a publish), but not beyond SNAPSHOT_MAX_DEFERRAL intervals.
+                idle = self._held is None and self._queue.empty() and not self._snapshot_hold.is_set()
                 overdue = (self._last_publish is not None and time.monotonic() - self._last_publish
                            >= SNAPSHOT_MAX_DEFERRAL * max(self.snapshot_interval_s, 1.0))
                 if idle or overdue:
