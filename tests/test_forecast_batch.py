@@ -8,7 +8,10 @@ ForecastService as the daemon runs it. Through the daemon: tests/test_daemon_e2e
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -55,17 +58,19 @@ def market() -> dict[tuple[str, str], pl.DataFrame]:
     return frames
 
 
-def config(batch_size: int) -> KronosConfig:
+def config(batch_size: int, worker: str = "process") -> KronosConfig:
     return KronosConfig.model_validate({
-        "forecast": {"lookback": LOOKBACK, "horizon": 6, "sample_paths": 8, "batch_size": batch_size, "seed": 3},
+        "forecast": {"lookback": LOOKBACK, "horizon": 6, "sample_paths": 8, "batch_size": batch_size, "seed": 3,
+                     "worker": worker},
         "mqtt": {"enabled": False}})
 
 
-async def open_service(tmp, name: str, batch_size: int, frames) -> tuple[StoreWriter, ForecastService]:
+async def open_service(tmp, name: str, batch_size: int, frames,
+                       worker: str = "process") -> tuple[StoreWriter, ForecastService]:
     writer = StoreWriter(tmp / f"{name}.duckdb").start()
     for frame in frames.values():
         await writer.upsert(conform(frame))
-    settings = config(batch_size)
+    settings = config(batch_size, worker)
     service = ForecastService(writer, settings.forecast, settings.model, None)
     torch.manual_seed(0)
     service.set_champion("v-test", KronosTokenizer(**TINY_TOKENIZER), Kronos(**TINY_PREDICTOR))
@@ -94,17 +99,19 @@ def newest_origins(frames) -> dict[tuple[str, str], int]:
 
 
 def test_pairs_forecast_in_one_batch_store_what_each_gets_alone(tmp_path):
+    """Batched in the model worker's child process, or one by one in a thread of the daemon: the same rows."""
     frames = market()
     origins = newest_origins(frames)
 
     async def scenario():
         writer_a, batched = await open_service(tmp_path, "batched", 16, frames)
-        writer_b, alone = await open_service(tmp_path, "alone", 1, frames)
+        writer_b, alone = await open_service(tmp_path, "alone", 1, frames, worker="thread")
         try:
             published = await batched.forecast_pairs([PendingForecast(p, o, 0.0) for p, o in origins.items()])
             one_by_one = [await alone.forecast_pair(p, o) for p, o in origins.items()]
             return published, one_by_one, await stored_forecasts(writer_a), await stored_forecasts(writer_b)
         finally:
+            batched.close()
             writer_a.close()
             writer_b.close()
 
@@ -152,9 +159,46 @@ def test_the_loop_forecasts_whatever_is_pending_in_batches_of_batch_size(tmp_pat
     assert_same_forecasts(rows_3, rows_1)
 
 
-def test_batch_size_is_validated():
+def test_batch_size_and_worker_are_validated():
     with pytest.raises(ValueError, match="batch_size"):
         config(0)
+    with pytest.raises(ValueError, match="worker"):
+        config(4, "gpu")
+
+
+def child_processes() -> set[int]:
+    """Our spawned multiprocessing children (not its resource tracker)."""
+    me = os.getpid()
+    children = {int(pid) for task in os.listdir(f"/proc/{me}/task")
+                for pid in Path(f"/proc/{me}/task/{task}/children").read_text().split()}
+    return {pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+
+
+def test_a_killed_model_worker_fails_its_batch_alone_and_the_next_batch_starts_a_new_one(tmp_path):
+    """kill -9 of the child holding the model: the forecast then in flight fails (logged, counted), nothing else
+    does, and the next forecast runs in a new child with the same model."""
+    frames = {pair: frame for pair, frame in market().items() if pair[1] == "1h" and pair[0] != "SHORTUSDT"}
+    pair = ("BTCUSDT", "1h")
+    times = frames[pair]["open_time"].to_list()
+
+    async def scenario():
+        before = child_processes()
+        writer, service = await open_service(tmp_path, "killed", 4, frames)
+        try:
+            assert await service.forecast_pair(pair, times[-4])
+            (child,) = child_processes() - before
+            os.kill(child, signal.SIGKILL)
+            outcomes = [await service.forecast_pair(pair, origin) for origin in times[-3:]]
+            (replacement,) = child_processes() - before - {child}
+            return outcomes, service.worker.child_failures, child, replacement, await stored_forecasts(writer)
+        finally:
+            service.close()
+            writer.close()
+
+    outcomes, failures, child, replacement, rows = asyncio.run(scenario())
+    assert failures == 1 and outcomes[0] is False and outcomes[1:] == [True, True]
+    assert replacement != child
+    assert sorted(set(rows["origin_time"].dt.epoch("ms"))) == [times[-4], *times[-2:]]
 
 
 # -- when did the candle close? (the latency measured from the close) ---------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import duckdb
 import polars as pl
@@ -99,3 +100,29 @@ def test_the_snapshot_uses_the_v1_4_storage_format(tmp_path):
         con.close()
     # DuckDB 1.4 and later open v1.4 files (checked by hand with duckdb 1.4.5; see docs/storage.md).
     assert tags["storage_version"] == "v1.4.0+"
+
+
+def test_a_held_snapshot_waits_for_the_release_and_is_published_then(tmp_path):
+    """The forecaster holds snapshots while a tick's batches read and insert: a publish that comes due meanwhile
+    waits, and the release publishes it at once (nothing else needs to arrive to wake the writer)."""
+    live, snapshot = tmp_path / "kronos.live.duckdb", tmp_path / "kronos.duckdb"
+    first, second = btc_batches(100, 2)
+    with StoreWriter(live, snapshot_path=snapshot, snapshot_interval_s=0.2) as writer:
+        writer.submit(first).result()
+        writer.call(lambda store: None).result()
+        assert writer.snapshots_published == 1
+        writer.hold_snapshots()
+        writer.submit(second).result()
+        time.sleep(0.4)  # the next publish is due ...
+        writer.call(lambda store: None).result()
+        assert writer.snapshots_published == 1  # ... and held
+        writer.release_snapshots()
+        deadline = time.monotonic() + 10
+        while writer.snapshots_published < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert writer.snapshots_published == 2
+        con = duckdb.connect(str(snapshot), read_only=True)
+        try:
+            assert con.execute("SELECT count(*) FROM candles").fetchall()[0][0] == 200
+        finally:
+            con.close()
