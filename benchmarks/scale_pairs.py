@@ -9,17 +9,19 @@ every forecast. Reported per N, over the measured ticks:
 - last pair: the moment the tick's *last* forecast arrives minus the wall-clock moment the simulator's
   market clock passed the candles' close (p50/p99 over ticks); first pair likewise;
 - forecasts/s: N / (last arrival - first arrival + the first pair's latency), the rate a tick is cleared;
-- CPU: the daemon's user+system seconds per wall second over the measured ticks (2.0 = both cores), peak RSS;
+- CPU: the daemon's user+system seconds per wall second over the measured ticks (2.0 = both cores), its model
+  worker process included, and the peak RSS of the two added up;
 - event-loop lag p99 and snapshot publish time (mean, max) from the daemon's /metrics;
 - the daemon's own latency metric (closed candle → forecast handed to MQTT) for comparison.
 
 Afterwards, with `--store-sizes`, the snapshot's publish time and bytes written against the stored candles
 (benchmarks/snapshot_scale.py, the same numbers docs/storage.md reports).
 
-With `--batch-sizes 1,16` each case runs once per `forecast.batch_size` (1: pair by pair), side by side.
+With `--batch-sizes 1,16` each case runs once per `forecast.batch_size` (1: pair by pair), side by side; with
+`--workers process,thread` once per `forecast.worker` (generations in a child process, or in a daemon thread).
 
     python benchmarks/scale_pairs.py [--pairs 1,8,32,100] [--models tiny,small] [--ticks 6] [--batch-sizes 16]
-        [--store-sizes 1000000,10000000,30000000] [--mqtt-port 1883]
+        [--workers process] [--store-sizes 1000000,10000000,30000000] [--mqtt-port 1883]
 """
 
 from __future__ import annotations
@@ -84,6 +86,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (the daemon and its model worker)."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += process_tree(int(child))
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(cpu_seconds(p) for p in process_tree(pid))
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -112,7 +127,7 @@ def histogram_quantile(samples: dict[str, float], name: str, q: float) -> float:
 
 
 async def measure(case: ModelCase, pairs: int, ticks: int, mqtt_port: int, batch_size: int,
-                  warmup_ticks: int = 2) -> dict:
+                  worker: str = "process", warmup_ticks: int = 2) -> dict:
     speed = 60.0 / case.tick_s
     history = case.forecast["lookback"] + 200
     simulator = subprocess.Popen(
@@ -133,7 +148,7 @@ async def measure(case: ModelCase, pairs: int, ticks: int, mqtt_port: int, batch
             "markets": {"symbols": symbols, "intervals": ["1m"],
                         "history_days": history / 1440},
             "model": {"device": "cpu", "threads": 2, **case.model},
-            "forecast": {**case.forecast, "score_every": 10 * pairs, "batch_size": batch_size},
+            "forecast": {**case.forecast, "score_every": 10 * pairs, "batch_size": batch_size, "worker": worker},
             "finetune": {"enabled": False},
             "mqtt": {"port": mqtt_port, "prefix": prefix},
             "http": {"port": http_port},
@@ -163,14 +178,14 @@ async def measure(case: ModelCase, pairs: int, ticks: int, mqtt_port: int, batch
                     live = sorted(o for o, got in arrivals.items() if len(got) == pairs)
                     measured = live[warmup_ticks:]  # the first live ticks overlap start-up work
                     if measured and first_measured is None:
-                        first_measured, cpu_start = arrived, cpu_seconds(daemon.pid)
+                        first_measured, cpu_start = arrived, tree_cpu_seconds(daemon.pid)
                     measured_origins = set(measured)
                     if len(measured) >= ticks:
-                        last_measured, cpu_end = arrived, cpu_seconds(daemon.pid)
+                        last_measured, cpu_end = arrived, tree_cpu_seconds(daemon.pid)
                         break
             with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as reply:
                 metrics = reply.read().decode()
-            rss = peak_rss_mib(daemon.pid)
+            rss = sum(peak_rss_mib(p) for p in process_tree(daemon.pid))
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(timeout=60)
@@ -193,7 +208,7 @@ async def measure(case: ModelCase, pairs: int, ticks: int, mqtt_port: int, batch
     own_sum = sum(v for k, v in own.items() if k.startswith("kronosd_forecast_latency_seconds_sum"))
     own_count = sum(v for k, v in own.items() if k.startswith("kronosd_forecast_latency_seconds_count"))
     return {
-        "pairs": pairs, "batch": batch_size, "ticks": len(origins),
+        "pairs": pairs, "batch": batch_size, "worker": worker, "ticks": len(origins),
         "last_p50_s": float(np.percentile(last_pair, 50)), "last_p99_s": float(np.percentile(last_pair, 99)),
         "first_p50_s": float(np.percentile(first_pair, 50)),
         "forecasts_per_s": float(np.median(rates)),
@@ -214,6 +229,7 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=6, help="measured ticks per case (after 2 warm-up ticks)")
     parser.add_argument("--small-pairs", default="1,8,32", help="pair counts for the Kronos-small shape")
     parser.add_argument("--batch-sizes", default="16", help="comma-separated forecast.batch_size values")
+    parser.add_argument("--workers", default="process", help="comma-separated forecast.worker values")
     parser.add_argument("--store-sizes", default="", help="also run benchmarks/snapshot_scale.py at these sizes")
     parser.add_argument("--tick-s", action="append", default=[], metavar="MODEL=SECONDS",
                         help="wall seconds between closes for a model (default tiny=12, small=60); repeatable")
@@ -225,17 +241,18 @@ def main() -> None:
             key, seconds = item.split("=")
             cases[key].tick_s = float(seconds)
         print(f"{os.cpu_count()} CPU cores; 1m pairs closing together; latencies from the candle's close")
-        header = (f"{'model':8} {'pairs':>5} {'batch':>5} {'ticks':>5} {'last p50 s':>10} {'last p99 s':>10} "
-                  f"{'first p50 s':>11} "
+        header = (f"{'model':8} {'pairs':>5} {'batch':>5} {'worker':>7} {'ticks':>5} {'last p50 s':>10} "
+                  f"{'last p99 s':>10} {'first p50 s':>11} "
                   f"{'fcst/s':>7} {'CPU cores':>9} {'RSS MiB':>8} {'lag p99 ms':>10} {'snapshot s':>10}")
         print(header)
         print("-" * len(header))
         for key in args.models.split(","):
             counts = args.small_pairs if key == "small" else args.pairs
-            for pairs, batch in ((int(n), int(b)) for n in counts.split(",") for b in args.batch_sizes.split(",")):
-                r = asyncio.run(measure(cases[key], pairs, args.ticks, args.mqtt_port, batch))
-                print(f"{key:8} {r['pairs']:>5} {r['batch']:>5} {r['ticks']:>5} {r['last_p50_s']:>10.2f} "
-                      f"{r['last_p99_s']:>10.2f} "
+            for pairs, batch, worker in ((int(n), int(b), w) for n in counts.split(",")
+                                         for b in args.batch_sizes.split(",") for w in args.workers.split(",")):
+                r = asyncio.run(measure(cases[key], pairs, args.ticks, args.mqtt_port, batch, worker))
+                print(f"{key:8} {r['pairs']:>5} {r['batch']:>5} {r['worker']:>7} {r['ticks']:>5} "
+                      f"{r['last_p50_s']:>10.2f} {r['last_p99_s']:>10.2f} "
                       f"{r['first_p50_s']:>11.2f} {r['forecasts_per_s']:>7.1f} {r['cpu_cores']:>9.2f} "
                       f"{r['rss_mib']:>8.0f} {r['loop_lag_p99_ms']:>10.0f} {r['snapshot_mean_s']:>10.3f}", flush=True)
     if args.store_sizes:
