@@ -99,6 +99,8 @@ class PreparedBatch:
     inputs: list[tuple[pl.DataFrame, int, int]]  # (Kronos frame of the look-back, step ms, seed) per pair
     began: float
     read_done: float
+    model_began: float = 0.0  # when its generation started (after the batch before it: pipelined) ...
+    model_done: float = 0.0  # ... and ended
 
     @property
     def pairs(self) -> set[Pair]:
@@ -245,6 +247,11 @@ class ForecastService:
         """Stop the model worker (the daemon is stopping)."""
         self.worker.close()
 
+    def use_worker(self, mode: str) -> None:
+        """Switch `forecast.worker` (a reload): a generation running in the old worker still completes."""
+        old, self.worker = self.worker, ModelWorker(mode, self.model_config.threads)
+        old.close()
+
     async def load_newest_origins(self) -> None:
         """The newest forecast origin per pair in the store: the floor for every later forecast."""
         self.newest_origin.update(await self.writer.run(lambda store: newest_forecast_origins(store.con)))
@@ -281,7 +288,7 @@ class ForecastService:
                     results = await generating
                     if finishing is not None:
                         await finishing
-                    finishing = asyncio.create_task(self._finish(prepared, *results))
+                    finishing = asyncio.create_task(self._finish(prepared, results))
                     busy = prepared.pairs
                     if following is None and self._pending:
                         await finishing  # what is left is a newer origin of a pair just forecast
@@ -371,7 +378,7 @@ class ForecastService:
         prepared = await self._prepare(batch)
         if prepared is None:
             return 0
-        return await self._finish(prepared, *await self._generate(prepared))
+        return await self._finish(prepared, await self._generate(prepared))
 
     async def _prepare(self, batch: list[PendingForecast]) -> PreparedBatch | None:
         """Read the look-backs of a batch (one writer call) and feed each pair's calibrator its outcomes;
@@ -401,17 +408,19 @@ class ForecastService:
             inputs.append((frame, step, config.seed + pending.origin_ms // step))  # seed per origin
         return PreparedBatch(champion, [pending for pending, _ in ready], inputs, began, read_done)
 
-    async def _generate(self, prepared: PreparedBatch) -> tuple[list[Forecast | Exception], float]:
-        """The batch's forecasts (in the model worker: daemon/model_worker.py) and when they were done."""
+    async def _generate(self, prepared: PreparedBatch) -> list[Forecast | Exception]:
+        """The batch's forecasts, from the model worker (daemon/model_worker.py)."""
+        prepared.model_began = time.monotonic()
         results = await self.worker.forecast(prepared.champion, prepared.inputs, self.forecast_config)
+        prepared.model_done = time.monotonic()
         self.batches += 1
-        return results, time.monotonic()
+        return results
 
-    async def _finish(self, prepared: PreparedBatch, results: list[Forecast | Exception], model_done: float) -> int:
+    async def _finish(self, prepared: PreparedBatch, results: list[Forecast | Exception]) -> int:
         """Calibrate, store (one insert) and publish a generated batch; returns how many were published. Errors
         are logged here: a batch that cannot be stored is lost alone (the next close forecasts its pairs)."""
         try:
-            return await self._store_and_publish(prepared, results, model_done)
+            return await self._store_and_publish(prepared, results)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -419,8 +428,7 @@ class ForecastService:
                           origins=[p.origin_ms for p in prepared.ready])
             return 0
 
-    async def _store_and_publish(self, prepared: PreparedBatch, results: list[Forecast | Exception],
-                                 model_done: float) -> int:
+    async def _store_and_publish(self, prepared: PreparedBatch, results: list[Forecast | Exception]) -> int:
         version = prepared.champion.version
         issued = int(time.time() * 1000)
         done: list[FinishedForecast] = []
@@ -443,8 +451,8 @@ class ForecastService:
         await self.writer.run(lambda store: insert_forecasts(store.con, rows))
         stored = time.monotonic()
         timings = {"batch": len(prepared.ready), "read_ms": round((prepared.read_done - prepared.began) * 1000, 1),
-                   "model_ms": round((model_done - prepared.read_done) * 1000, 1),
-                   "store_ms": round((stored - model_done) * 1000, 1)}
+                   "model_ms": round((prepared.model_done - prepared.model_began) * 1000, 1),
+                   "store_ms": round((stored - prepared.model_done) * 1000, 1)}
         for finished in done:
             self._publish(finished, version, issued, prepared.began, timings)
         return len(done)

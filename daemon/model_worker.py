@@ -10,16 +10,20 @@ runs back to back on one core while the daemon does the rest on the other.
 The child is spawned (never forked: the daemon runs threads) on first use and holds the predictors of the
 newest KEEP_VERSIONS champions, sent to it pickled once per version, so a hot-swap mid-batch finishes the batch
 on the model it started with. It ignores SIGINT (a Ctrl-C stops the daemon, which then stops it) and exits
-with the daemon. A child that dies (killed, out of memory) fails the batch it was running, which is logged; the
-next batch starts a new child. Results are identical in either mode: same code, same seeds, same threads.
+with the daemon, also when the daemon is killed with -9 (it checks its parent every second). A child that
+dies (killed, out of memory) fails the batch it was running, which is logged; the next batch starts a new
+child. Results are identical in either mode: same code, same seeds, same threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import signal
 import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -36,6 +40,7 @@ from kronos_model.data import FEATURES
 log = structlog.get_logger("daemon.model_worker")
 
 KEEP_VERSIONS = 2  # the champion and the one before it: a batch started before a swap finishes on its model
+PARENT_CHECK_S = 1.0  # how often the child checks that the daemon still runs
 Window = tuple[pl.DataFrame, int, int]  # (Kronos frame of a look-back, step ms, seed)
 
 
@@ -105,6 +110,14 @@ def _start_child(threads: int, json_logs: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_service_logging("warning", json_lines=json_logs)
     torch.set_num_threads(threads)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="parent-watch").start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A daemon killed with -9 cannot stop its worker: the worker notices it was orphaned and exits."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
 
 
 def _install(version: str, predictor: KronosPredictor) -> None:

@@ -392,6 +392,8 @@ class Daemon:
             return
         old, self.config = self.config, new
         self.forecaster.forecast_config = new.forecast
+        if new.forecast.worker != old.forecast.worker:
+            self.forecaster.use_worker(new.forecast.worker)
         self.continual.config = new
         if new.http != old.http:
             await self._stop_http()

@@ -229,6 +229,20 @@ class Daemon:
         self._reader.join(timeout=5)
 
 
+def worker_processes(pid: int) -> set[int]:
+    """The multiprocessing children `pid` spawned (the daemon's model worker), not its resource tracker."""
+    children = {int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+                for child in (task / "children").read_text().split()}
+    found = set()
+    for child in children:
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.add(child)
+        except FileNotFoundError:
+            continue  # it just exited
+    return found
+
+
 def snapshot_rows(path, query: str) -> list[tuple]:
     """Rows of `query` on a published snapshot, opened read-only as users do."""
     import duckdb

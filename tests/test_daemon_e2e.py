@@ -19,6 +19,7 @@ from daemon_helpers import (
     daemon_config,
     snapshot_rows,
     wait_for,
+    worker_processes,
 )
 
 from kronos_model.data import read_candles
@@ -98,13 +99,17 @@ def test_service_lifecycle_forecasts_gaps_reload_broker_restart_and_clean_stop(t
         daemon.wait_event("reload_rejected", 20)
         assert daemon.process.poll() is None
 
-        # SIGHUP adding a symbol: ETHUSDT forecasts start
+        # SIGHUP adding a symbol and moving generations from the model worker process into a thread: ETHUSDT
+        # forecasts start, and the worker process is gone
+        assert len(worker_processes(daemon.process.pid)) == 1  # forecasts ran in the child (the default)
         values = yaml.safe_load(good)
         values["markets"]["symbols"] = ["BTCUSDT", "ETHUSDT"]
+        values["forecast"]["worker"] = "thread"
         config.write_text(yaml.safe_dump(values))
         daemon.signal(signal.SIGHUP)
         daemon.wait_event("reloaded", 30)
         wait_for(lambda: subscriber.forecasts("ETHUSDT"), 60, what="an ETH forecast")
+        wait_for(lambda: not worker_processes(daemon.process.pid), 30, what="the model worker process to exit")
 
         new_count = reader.execute("SELECT count(*) FROM candles").fetchall()[0][0]
         assert new_count == held_count  # the reader's file never changed under it

@@ -11,14 +11,13 @@ import asyncio
 import os
 import signal
 import time
-from pathlib import Path
 
 import duckdb
 import numpy as np
 import polars as pl
 import pytest
 import torch
-from daemon_helpers import Daemon, Simulator, daemon_config
+from daemon_helpers import Daemon, Simulator, daemon_config, worker_processes
 from market_helpers import bundled_book
 
 from daemon.config import KronosConfig
@@ -166,14 +165,6 @@ def test_batch_size_and_worker_are_validated():
         config(4, "gpu")
 
 
-def child_processes() -> set[int]:
-    """Our spawned multiprocessing children (not its resource tracker)."""
-    me = os.getpid()
-    children = {int(pid) for task in os.listdir(f"/proc/{me}/task")
-                for pid in Path(f"/proc/{me}/task/{task}/children").read_text().split()}
-    return {pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()}
-
-
 def test_a_killed_model_worker_fails_its_batch_alone_and_the_next_batch_starts_a_new_one(tmp_path):
     """kill -9 of the child holding the model: the forecast then in flight fails (logged, counted), nothing else
     does, and the next forecast runs in a new child with the same model."""
@@ -182,14 +173,14 @@ def test_a_killed_model_worker_fails_its_batch_alone_and_the_next_batch_starts_a
     times = frames[pair]["open_time"].to_list()
 
     async def scenario():
-        before = child_processes()
+        before = worker_processes(os.getpid())
         writer, service = await open_service(tmp_path, "killed", 4, frames)
         try:
             assert await service.forecast_pair(pair, times[-4])
-            (child,) = child_processes() - before
+            (child,) = worker_processes(os.getpid()) - before
             os.kill(child, signal.SIGKILL)
             outcomes = [await service.forecast_pair(pair, origin) for origin in times[-3:]]
-            (replacement,) = child_processes() - before - {child}
+            (replacement,) = worker_processes(os.getpid()) - before - {child}
             return outcomes, service.worker.child_failures, child, replacement, await stored_forecasts(writer)
         finally:
             service.close()
