@@ -125,6 +125,7 @@ class Generated:
     s1: torch.Tensor  # (B, S, P) generated coarse ids
     s2: torch.Tensor  # (B, S, P) generated fine ids
     values: torch.Tensor  # (B, S, P, d_in) decoded, still normalised
+    last_reconstruction: torch.Tensor | None = None  # (B, d_in) the last look-back candle as the tokenizer sees it
 
 
 def _new_caches(n: int, capacity: int) -> list[KVCache]:
@@ -204,22 +205,27 @@ def generate(
         s2 = sample_per_series(s2_logits, paths, temperature, top_k, top_p, generator)
         gen_s1[:, i], gen_s2[:, i] = s1, s2
 
-    values = decode_forecast(tokenizer, hist_s1, hist_s2, gen_s1, gen_s2, max_context, paths)
+    values, last_reconstruction = decode_forecast(tokenizer, hist_s1, hist_s2, gen_s1, gen_s2, max_context, paths)
     shape = (batch, paths, pred_len)
-    return Generated(gen_s1.view(shape), gen_s2.view(shape), values.view(*shape, -1))
+    return Generated(gen_s1.view(shape), gen_s2.view(shape), values.view(*shape, -1), last_reconstruction)
 
 
-def decode_forecast(tokenizer, hist_s1, hist_s2, gen_s1, gen_s2, max_context: int, paths: int) -> torch.Tensor:
-    """Decode the last min(N + P, max_context) tokens of each path, as the original does, and keep the last P.
+def decode_forecast(tokenizer, hist_s1, hist_s2, gen_s1, gen_s2, max_context: int,
+                    paths: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode the last min(N + P, max_context) tokens of each path, as the original does, and keep the last P;
+    with the tokenizer's reconstruction of the last look-back candle, (B, d_in), when that window holds any
+    look-back (what anchoring subtracts: predictor.reconstruction_offset computes the same thing on its own).
 
     The look-back part of that window is the same for every path of a series, so it runs once per series.
     """
     lookback, pred_len = hist_s1.shape[1], gen_s1.shape[1]
     prefix = min(lookback + pred_len, max_context) - pred_len
     caches = _new_caches(len(tokenizer.decoder), prefix + pred_len)
+    last_reconstruction = None
     if prefix:
         code = tokenizer.indices_to_bits([hist_s1[:, -prefix:], hist_s2[:, -prefix:]], half=True)
         shared = tokenizer.decode_code(code, caches=caches)
+        last_reconstruction = shared[:, -1]
         _share(caches, shared, paths)
     code = tokenizer.indices_to_bits([gen_s1, gen_s2], half=True)
-    return tokenizer.decode_code(code, caches=caches)
+    return tokenizer.decode_code(code, caches=caches), last_reconstruction

@@ -297,8 +297,9 @@ class KronosPredictor:
                              self.max_context, pred_len, sample_count, T, top_k, top_p, generator=generators,
                              verbose=verbose)
         values = generated.values.float().cpu().numpy()  # (B, S, P, 6)
-        if anchor:
-            offset = reconstruction_offset(self.tokenizer, batch("normed"), self.max_context, pred_len)
+        if anchor and generated.last_reconstruction is not None:
+            # reconstruction_offset, from the decode generate already ran (no second encode + decode)
+            offset = (batch("normed")[:, -1] - generated.last_reconstruction).float().cpu().numpy()
             values[..., : len(PRICE_COLUMNS)] += offset[:, None, None, : len(PRICE_COLUMNS)]
         return values
 
