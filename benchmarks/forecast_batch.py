@@ -75,14 +75,17 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     synchronize(args.device)
     t_alone = time.perf_counter() - start
 
+    def batch(part: list) -> list:
+        return predictor.forecast_batch([p[0] for p in part], [p[1] for p in part], [p[2] for p in part],
+                                        args.horizon, seed=[p[3] for p in part], **common)
+
     def batched(size: int) -> tuple[float, list]:
+        batch(inputs[:size])  # warm-up at this size, as the one-by-one run had (a daemon's worker stays warm)
         synchronize(args.device)
         begin = time.perf_counter()
         results = []
         for first in range(0, len(inputs), size):
-            part = inputs[first:first + size]
-            results += predictor.forecast_batch([p[0] for p in part], [p[1] for p in part], [p[2] for p in part],
-                                                args.horizon, seed=[p[3] for p in part], **common)
+            results += batch(inputs[first:first + size])
         synchronize(args.device)
         return time.perf_counter() - begin, results
 

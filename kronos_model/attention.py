@@ -1,7 +1,7 @@
 """Attention kernels and the key/value cache used when generating.
 
 `KVCache` keeps the rotated keys and values of one attention layer. When all sample paths of a series share a
-look-back prefix, `share_prefix` keeps that prefix once per series instead of once per path; `attend` then
+look-back prefix, a `shared` cache keeps that prefix once per series instead of once per path; `read` then
 scores every path's queries against the shared prefix with one batched matmul per series and against the
 path's own suffix separately. A generation step is memory-bound on CPU, so reading the prefix once instead
 of S times is what matters.
@@ -81,21 +81,32 @@ class KVCache:
         self.length += new
         return self.keys[:, :, :end], self.values[:, :, :end]
 
-    def share_prefix(self, paths: int) -> None:
-        """Freeze what is cached as a prefix shared by `paths` consecutive rows; later tokens are per row."""
-        if self.prefix_keys is not None or self.keys is None:
-            raise RuntimeError("share_prefix needs a filled cache without a shared prefix")
-        self.prefix_keys = self.keys[:, :, : self.length].contiguous()
-        self.prefix_values = self.values[:, :, : self.length].contiguous()
-        self.keys = self.values = None
-        self.paths = paths
+    @classmethod
+    def shared(cls, keys: torch.Tensor, values: torch.Tensor, paths: int, capacity: int) -> KVCache:
+        """A cache whose first tokens, keys/values (series, H, prefix, d), are shared by `paths` consecutive rows
+        each; tokens appended later are per row, up to `capacity` tokens in all."""
+        if keys.shape[-2] > capacity:
+            raise RuntimeError(f"KV cache overflow: a prefix of {keys.shape[-2]} tokens > capacity {capacity}")
+        cache = cls(capacity)
+        cache.prefix_keys, cache.prefix_values, cache.paths = keys, values, paths
+        cache.length = keys.shape[-2]
+        return cache
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Append the new tokens' k/v, then causal attention of their queries over everything cached."""
+        self.append(k, v)
+        return self.read(q)
+
+    def read(self, q: torch.Tensor) -> torch.Tensor:
+        """Attention of queries that stand for the newest q_len cached tokens over everything cached (causal
+        among those; a single query sees every key)."""
         new = q.shape[-2]
-        keys, values = self.append(k, v)
+        own = self.length - self.prefix_length
+        keys = values = None
+        if own:
+            keys, values = self.keys[:, :, :own], self.values[:, :, :own]
         if self.prefix_keys is None:
-            mask, is_causal = attention_mask(new, keys.shape[-2], q.device, None)
+            mask, is_causal = attention_mask(new, own, q.device, None)
             return attention(q, keys, values, mask, is_causal, 0.0)
         rows, heads, _, dim = q.shape
         groups, paths, prefix = rows // self.paths, self.paths, self.prefix_length
@@ -106,12 +117,13 @@ class KVCache:
         def by_row(x: torch.Tensor) -> torch.Tensor:  # the inverse
             return x.reshape(groups, heads, paths, new, -1).transpose(1, 2).reshape(rows, heads, new, -1)
 
-        scores_prefix = by_row(by_group(q) @ self.prefix_keys.transpose(-1, -2))
-        scores_own = q @ keys.transpose(-1, -2)
-        if new > 1:  # causal among the new tokens; the prefix and earlier tokens are all visible
-            own = keys.shape[-2]
-            visible = torch.ones(new, own, dtype=torch.bool, device=q.device).tril(own - new)
-            scores_own = scores_own.masked_fill(~visible, float("-inf"))
-        weights = torch.softmax(torch.cat([scores_prefix, scores_own], dim=-1) * dim**-0.5, dim=-1)
-        from_prefix = by_row(by_group(weights[..., :prefix]) @ self.prefix_values)
-        return from_prefix + weights[..., prefix:] @ values
+        scores = by_row(by_group(q) @ self.prefix_keys.transpose(-1, -2))
+        if keys is not None:
+            scores_own = q @ keys.transpose(-1, -2)
+            if new > 1:  # causal among the new tokens; the prefix and earlier tokens are all visible
+                visible = torch.ones(new, own, dtype=torch.bool, device=q.device).tril(own - new)
+                scores_own = scores_own.masked_fill(~visible, float("-inf"))
+            scores = torch.cat([scores, scores_own], dim=-1)
+        weights = torch.softmax(scores * dim**-0.5, dim=-1)
+        out = by_row(by_group(weights[..., :prefix]) @ self.prefix_values)
+        return out if values is None else out + weights[..., prefix:] @ values

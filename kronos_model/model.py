@@ -158,6 +158,15 @@ class MultiHeadCrossAttentionWithRoPE(_RotaryAttention):
         out = out.transpose(1, 2).reshape(batch, q_len, d_model)
         return self.resid_dropout(self.out_proj(out))
 
+    def attend_cached(self, query: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One query per row (a generation step, eval mode) over the keys/values in `cache` (from
+        `project_kv`; with one query the rotation is the identity, so they serve unrotated)."""
+        batch, q_len, d_model = query.shape
+        if q_len != 1:
+            raise ValueError(f"attend_cached takes one query per row, got {q_len}")
+        out = cache.read(self._heads(self.q_proj(query)))
+        return self.resid_dropout(self.out_proj(out.transpose(1, 2).reshape(batch, 1, d_model)))
+
     def forward(self, query, key, value, key_padding_mask=None):
         k, v = self.project_kv(key, value)
         return self.attend(query, k, v, key_padding_mask)

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kronos_model.cpu_memory import reuse_freed_memory
 from kronos_model.generation import generate
 from kronos_model.model import Kronos, KronosTokenizer, check_pair
 
@@ -189,6 +190,8 @@ class KronosPredictor:
         if max_context < 1:
             raise ValueError(f"max_context must be >= 1, got {max_context}")
         self.device = torch.device(device or auto_device())
+        if self.device.type == "cpu":
+            reuse_freed_memory()  # batched generations re-allocate large buffers every step (see cpu_memory)
         self.tokenizer = tokenizer.to(self.device).eval()
         self.model = model.to(self.device).eval()
         self.max_context = max_context

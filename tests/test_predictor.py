@@ -11,7 +11,7 @@ from conftest import REFERENCE, ReferenceCase, released_config
 
 from benchmarks.forecast_speed import full_recompute_generate
 from kronos_model import Kronos, KronosPredictor, KronosTokenizer
-from kronos_model.generation import generate, sample_tokens
+from kronos_model.generation import PREFILL_SERIES_CPU, generate, sample_tokens
 
 CASE = ReferenceCase("tiny_fits_context")
 
@@ -221,13 +221,15 @@ def test_a_batch_of_mixed_lookbacks_is_grouped_and_matches_one_by_one(predictor)
 
 
 def test_per_series_generators_draw_the_same_token_ids_as_alone():
-    """At the generator: sampled s1/s2 ids equal, decoded values equal, with a sliding window too."""
+    """At the generator: sampled s1/s2 ids equal, decoded values equal, with a sliding window too, and with
+    more series than one look-back pass takes on a CPU (their caches are stitched together)."""
     tokenizer, model = small_pair(2)
     torch.manual_seed(4)
-    batch, lookback, pred_len, max_context, paths = 3, 50, 20, 60, 4
-    x = torch.randn(batch, lookback, 6).clamp(-5, 5) * torch.tensor([0.5, 1.0, 2.0])[:, None, None]
+    batch, lookback, pred_len, max_context, paths = 6, 50, 20, 60, 4
+    assert batch > PREFILL_SERIES_CPU
+    x = torch.randn(batch, lookback, 6).clamp(-5, 5) * torch.tensor([0.5, 1.0, 2.0, 1.5, 0.3, 1.0])[:, None, None]
     stamps = torch.randint(0, 7, (batch, lookback + pred_len, 5)).float()
-    seeds = [5, 6, 5]
+    seeds = [5, 6, 5, 9, 10, 11]
 
     def run(rows: slice, seeds_used: list[int]):
         return generate(tokenizer, model, x[rows], stamps[rows, :lookback], stamps[rows, lookback:], max_context,
