@@ -11,7 +11,9 @@ every forecast. Reported per N, over the measured ticks:
 - forecasts/s: N / (last arrival - first arrival + the first pair's latency), the rate a tick is cleared;
 - CPU: the daemon's user+system seconds per wall second over the measured ticks (2.0 = both cores), its model
   worker process included, and the peak RSS of the two added up;
-- event-loop lag p99 and snapshot publish time (mean, max) from the daemon's /metrics;
+- event-loop lag p99 over the measured ticks (the /metrics histogram scraped at their start and end,
+  interpolated inside its bucket) and over the whole run, start-up backfill included ("run lag"), and the
+  snapshot publish time (mean) from the daemon's /metrics;
 - the daemon's own latency metric (closed candle → forecast handed to MQTT) for comparison.
 
 Afterwards, with `--store-sizes`, the snapshot's publish time and bytes written against the stored candles
@@ -116,14 +118,31 @@ def metric_samples(text: str, name: str) -> dict[str, float]:
     return samples
 
 
-def histogram_quantile(samples: dict[str, float], name: str, q: float) -> float:
-    """The q quantile's bucket bound of a label-free Prometheus histogram (upper bound of the bucket)."""
-    buckets = sorted((float(key.split('le="')[1].split('"')[0]), value) for key, value in samples.items()
-                     if key.startswith(f"{name}_bucket"))
+def histogram_quantile(samples: dict[str, float], name: str, q: float,
+                       before: dict[str, float] | None = None) -> float:
+    """The q quantile of a label-free Prometheus histogram, interpolated linearly inside its bucket (as
+    Prometheus' histogram_quantile does); with `before`, of the observations made since that scrape."""
+    def counts(scrape: dict[str, float]) -> dict[float, float]:
+        return {float(key.split('le="')[1].split('"')[0]): value for key, value in scrape.items()
+                if key.startswith(f"{name}_bucket")}
+
+    now, then = counts(samples), counts(before or {})
+    buckets = sorted((bound, count - then.get(bound, 0.0)) for bound, count in now.items())
     if not buckets or buckets[-1][1] == 0:
         return float("nan")
-    total = buckets[-1][1]
-    return next(bound for bound, count in buckets if count >= q * total)
+    rank, lower, below = q * buckets[-1][1], 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = bound, count
+    return lower
+
+
+def scrape_metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return reply.read().decode()
 
 
 async def measure(case: ModelCase, pairs: int, ticks: int, mqtt_port: int, batch_size: int,
@@ -160,6 +179,7 @@ async def measure(case: ModelCase, pairs: int, ticks: int, mqtt_port: int, batch
             daemon = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(config_path),
                                        "--json-logs"], stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
         first_measured = last_measured = None
+        metrics_start = ""
         cpu_start = cpu_end = 0.0
         try:
             async with aiomqtt.Client("127.0.0.1", port=mqtt_port) as client:
@@ -179,12 +199,12 @@ async def measure(case: ModelCase, pairs: int, ticks: int, mqtt_port: int, batch
                     measured = live[warmup_ticks:]  # the first live ticks overlap start-up work
                     if measured and first_measured is None:
                         first_measured, cpu_start = arrived, tree_cpu_seconds(daemon.pid)
+                        metrics_start = await asyncio.to_thread(scrape_metrics, http_port)
                     measured_origins = set(measured)
                     if len(measured) >= ticks:
                         last_measured, cpu_end = arrived, tree_cpu_seconds(daemon.pid)
                         break
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as reply:
-                metrics = reply.read().decode()
+            metrics = scrape_metrics(http_port)
             rss = sum(peak_rss_mib(p) for p in process_tree(daemon.pid))
         finally:
             daemon.send_signal(signal.SIGTERM)
@@ -202,6 +222,7 @@ async def measure(case: ModelCase, pairs: int, ticks: int, mqtt_port: int, batch
         first_pair.append(got[0] - closed_wall)
         rates.append(pairs / (got[-1] - closed_wall))
     lag = metric_samples(metrics, "kronosd_event_loop_lag_seconds")
+    lag_before = metric_samples(metrics_start, "kronosd_event_loop_lag_seconds")
     snapshot = metric_samples(metrics, "kronosd_snapshot_publish_seconds")
     snapshot_count = snapshot.get("kronosd_snapshot_publish_seconds_count", 0)
     own = metric_samples(metrics, "kronosd_forecast_latency_seconds")
@@ -214,7 +235,8 @@ async def measure(case: ModelCase, pairs: int, ticks: int, mqtt_port: int, batch
         "forecasts_per_s": float(np.median(rates)),
         "cpu_cores": (cpu_end - cpu_start) / max(last_measured - first_measured, 1e-9) if last_measured else np.nan,
         "rss_mib": rss,
-        "loop_lag_p99_ms": histogram_quantile(lag, "kronosd_event_loop_lag_seconds", 0.99) * 1000,
+        "loop_lag_p99_ms": histogram_quantile(lag, "kronosd_event_loop_lag_seconds", 0.99, lag_before) * 1000,
+        "run_loop_lag_p99_ms": histogram_quantile(lag, "kronosd_event_loop_lag_seconds", 0.99) * 1000,
         "daemon_loop_lag_p99_ms": stopped.get("loop_lag_ms_p99"),
         "snapshot_mean_s": snapshot.get("kronosd_snapshot_publish_seconds_sum", 0) / snapshot_count
         if snapshot_count else float("nan"),
@@ -243,7 +265,8 @@ def main() -> None:
         print(f"{os.cpu_count()} CPU cores; 1m pairs closing together; latencies from the candle's close")
         header = (f"{'model':8} {'pairs':>5} {'batch':>5} {'worker':>7} {'ticks':>5} {'last p50 s':>10} "
                   f"{'last p99 s':>10} {'first p50 s':>11} "
-                  f"{'fcst/s':>7} {'CPU cores':>9} {'RSS MiB':>8} {'lag p99 ms':>10} {'snapshot s':>10}")
+                  f"{'fcst/s':>7} {'CPU cores':>9} {'RSS MiB':>8} {'lag p99 ms':>10} {'run lag ms':>10} "
+                  f"{'snapshot s':>10}")
         print(header)
         print("-" * len(header))
         for key in args.models.split(","):
@@ -254,7 +277,8 @@ def main() -> None:
                 print(f"{key:8} {r['pairs']:>5} {r['batch']:>5} {r['worker']:>7} {r['ticks']:>5} "
                       f"{r['last_p50_s']:>10.2f} {r['last_p99_s']:>10.2f} "
                       f"{r['first_p50_s']:>11.2f} {r['forecasts_per_s']:>7.1f} {r['cpu_cores']:>9.2f} "
-                      f"{r['rss_mib']:>8.0f} {r['loop_lag_p99_ms']:>10.0f} {r['snapshot_mean_s']:>10.3f}", flush=True)
+                      f"{r['rss_mib']:>8.0f} {r['loop_lag_p99_ms']:>10.1f} {r['run_loop_lag_p99_ms']:>10.1f} "
+                      f"{r['snapshot_mean_s']:>10.3f}", flush=True)
     if args.store_sizes:
         script = ROOT / "benchmarks" / "snapshot_scale.py"
         if not script.exists():
