@@ -9,7 +9,9 @@ What changes is how much is computed:
    The dependency layer's keys/values (its rotation is the identity at inference) are cached the same way,
    and s1/s2 heads run on the last position only.
 2. The look-back prefix is identical for all sample paths of a series, so it is computed once per series and
-   its cache is shared by the S paths (the original computes it S times).
+   its cache is shared by the S paths (the original computes it S times), the dependency layer's keys/values
+   of it too. On a CPU the look-backs of a batch run a few series at a time (`PREFILL_SERIES_CPU`): the pass
+   is compute-bound, and smaller activations stay in the CPU's caches.
 3. Past `max_context` the window slides and positions restart at 0, so every hidden state changes and
    nothing can be reused from the previous step: each step re-runs the window, as the original does. We still
    run the part of the window that is look-back history once per series instead of once per path, and the
