@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
@@ -23,6 +24,7 @@ MMAP_ABOVE = 32 * 2**20  # glibc's largest allowed mmap threshold on 64-bit
 TRIM_ABOVE = 2**30
 
 
+@functools.cache  # once per process: every predictor built asks for it
 def reuse_freed_memory() -> bool:
     """Raise glibc's mmap threshold to its maximum and keep up to 1 GiB of freed heap; False where the C
     library is not glibc (nothing changes there)."""

@@ -135,29 +135,26 @@ def _new_caches(n: int, capacity: int) -> list[KVCache]:
     return [KVCache(capacity) for _ in range(n)]
 
 
-def prefill_chunk(device: torch.device) -> int | None:
-    """Series per look-back pass: on a CPU a few at a time keep the activations in cache (measured: the trunk's
-    prefill of 32 Kronos-small look-backs of 400 takes 7.0 s in one pass, 4.4 s four at a time); an accelerator
-    takes the whole batch (None)."""
-    return PREFILL_SERIES_CPU if device.type == "cpu" else None
+def series_chunks(batch: int, device: torch.device) -> list[slice]:
+    """The series of each look-back pass: on a CPU a few at a time keep the activations in cache (measured: the
+    trunk's prefill of 32 Kronos-small look-backs of 400 takes 7.0 s in one pass, 4.4 s four at a time); an
+    accelerator takes the whole batch at once."""
+    size = PREFILL_SERIES_CPU if device.type == "cpu" else batch
+    return [slice(first, first + size) for first in range(0, batch, size)]
 
 
-def prefill_shared(step, batch: int, n_caches: int, capacity: int, paths: int,
-                   chunk: int | None) -> tuple[list, list[KVCache]]:
-    """Run `step(rows, caches)` over the B series' shared look-backs, `chunk` series at a time, each chunk
-    into caches of its own; returns the steps' outputs and `n_caches` caches holding every series' look-back
-    once, shared by its `paths` rows (see KVCache.shared), with room for `capacity` tokens."""
-    outputs, chunks = [], []
-    for first in range(0, batch, chunk or batch):
-        caches = _new_caches(n_caches, capacity)
-        outputs.append(step(slice(first, first + (chunk or batch)), caches))
-        chunks.append(caches)
-
-    def stacked(i: int, part: str) -> torch.Tensor:
-        length = chunks[0][i].length
-        return torch.cat([getattr(caches[i], part)[:, :, :length] for caches in chunks])
-
-    return outputs, [KVCache.shared(stacked(i, "keys"), stacked(i, "values"), paths, capacity)
+def prefill_shared(step, chunks: list[slice], n_caches: int, prefix: int, capacity: int,
+                   paths: int) -> tuple[list, list[KVCache]]:
+    """Run `step(series, caches)` over each chunk of series' shared look-backs (`prefix` tokens), each chunk into
+    caches of its own; returns the steps' outputs and `n_caches` caches holding every series' look-back once,
+    shared by its `paths` rows (see KVCache.shared), with room for `capacity` tokens."""
+    outputs, per_chunk = [], []
+    for series in chunks:
+        caches = _new_caches(n_caches, prefix)
+        outputs.append(step(series, caches))
+        per_chunk.append(caches)
+    return outputs, [KVCache.shared(torch.cat([caches[i].keys for caches in per_chunk]),
+                                    torch.cat([caches[i].values for caches in per_chunk]), paths, capacity)
                      for i in range(n_caches)]
 
 
@@ -185,9 +182,8 @@ def generate(
     paths, rows = sample_count, batch * sample_count
     if not 1 <= pred_len <= max_context:
         raise ValueError(f"pred_len must be between 1 and max_context ({max_context}), got {pred_len}")
-    chunk = prefill_chunk(x.device)
-    ids = [tokenizer.encode(x[first : first + (chunk or batch)], half=True)  # the full look-back, per series
-           for first in range(0, batch, chunk or batch)]
+    chunks = series_chunks(batch, x.device)
+    ids = [tokenizer.encode(x[series], half=True) for series in chunks]  # the tokenizer sees the full look-back
     hist_s1, hist_s2 = torch.cat([s1 for s1, _ in ids]), torch.cat([s2 for _, s2 in ids])  # (B, N) each
     stamps = torch.cat([x_stamp, y_stamp], dim=1)  # (B, N + P, 5)
     path_stamps = stamps.repeat_interleave(paths, dim=0)
@@ -216,12 +212,12 @@ def generate(
                 def history(series: slice, chunk_caches: list[KVCache], prefix=prefix, start=start):
                     hidden = model.trunk(hist_s1[series, lookback - prefix :], hist_s2[series, lookback - prefix :],
                                          stamps[series, start : start + prefix], caches=chunk_caches)
-                    return hidden[:, -1:], dep.cross_attn.project_kv(hidden, hidden)
+                    return (hidden[:, -1:], *dep.cross_attn.project_kv(hidden, hidden))
 
-                outputs, caches = prefill_shared(history, batch, n_layers, capacity, paths, chunk)
-                last = torch.cat([out[0] for out in outputs]).repeat_interleave(paths, dim=0)
-                dep_cache = KVCache.shared(torch.cat([out[1][0] for out in outputs]),
-                                           torch.cat([out[1][1] for out in outputs]), paths, capacity)
+                outputs, caches = prefill_shared(history, chunks, n_layers, prefix, capacity, paths)
+                lasts, dep_keys, dep_values = (torch.cat(part) for part in zip(*outputs, strict=True))
+                last = lasts.repeat_interleave(paths, dim=0)
+                dep_cache = KVCache.shared(dep_keys, dep_values, paths, capacity)
             else:
                 caches, dep_cache = _new_caches(n_layers, capacity), KVCache(capacity)
             if generated:
@@ -254,9 +250,9 @@ def decode_forecast(tokenizer, hist_s1, hist_s2, gen_s1, gen_s2, max_context: in
     last_reconstruction = None
     if prefix:
         code = tokenizer.indices_to_bits([hist_s1[:, -prefix:], hist_s2[:, -prefix:]], half=True)
-        outputs, caches = prefill_shared(lambda series, chunk_caches: tokenizer.decode_code(
-            code[series], caches=chunk_caches)[:, -1], batch, len(tokenizer.decoder), prefix + pred_len, paths,
-            prefill_chunk(hist_s1.device))
+        outputs, caches = prefill_shared(
+            lambda series, chunk_caches: tokenizer.decode_code(code[series], caches=chunk_caches)[:, -1],
+            series_chunks(batch, hist_s1.device), len(tokenizer.decoder), prefix, prefix + pred_len, paths)
         last_reconstruction = torch.cat(outputs)
     else:
         caches = _new_caches(len(tokenizer.decoder), pred_len)
